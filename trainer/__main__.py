@@ -1,0 +1,23 @@
+"""CLI edge: `python -m trainer [recipe=NAME] [key=value ...]`, also under torchrun.
+
+User errors (config, data, checkpoint) end here as one line on stderr and exit code 2.
+"""
+import sys
+
+from trainer.config import ConfigError, load_config
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = load_config(argv)
+        from trainer.train import train
+
+        train(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,415 @@
+"""The typed config tree and every check on it.
+
+Holds the dataclasses OmegaConf reads (one section per concern), the driver that composes
+configs/ groups, a recipe and CLI overrides, and `validate`, the one place for cross-field
+checks. Must not hold anything that starts a process group or builds a model.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models import ModelConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+RECIPE_DIR = ROOT / "recipes"
+GROUPS = ("model", "data", "optim", "train", "parallel", "checkpoint", "log")
+
+POS_ENCODINGS = ("rope", "alibi", "sinusoidal", "learned")
+TOKENIZERS = ("byte", "bpe")
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("fp32", "bf16", "fp8")
+AC_MODES = ("none", "full", "selective")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv")
+DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+class ConfigError(ValueError):
+    """A user error in the config: one line naming the key path, the value and what is allowed."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    device: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    # "kjv" is the embedded corpus; otherwise a local file/folder (text, json, jsonl, parquet) or a hub name.
+    dataset: str = "kjv"
+    text_field: str = "text"
+    tokenizer: str = "byte"
+    bpe_vocab_size: int = 4096
+    val_fraction: float = 0.02
+    cache_dir: str = ".cache/ridgeline"
+    streaming: bool = False
+    # Synthetic random tokens: for speed benchmarks only.
+    synthetic: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    grad_clip: float = 1.0  # 0 disables clipping
+    fused: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    seed: int = 1234
+    seq_len: int = 256
+    global_batch_size: int = 16
+    micro_batch_size: int = 16
+    precision: str = "fp32"
+    val_every: int = 50
+    val_batches: int = 4
+    activation_checkpointing: str = "none"
+    ac_every: int = 1  # checkpoint every k-th block
+    compile: bool = False
+    attention_backend: str = "auto"
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    zero: int = 0
+    sequence_parallel: bool = False
+    pp_schedule: str = "1f1b"
+    microbatches: int = 0  # 0: one per pipeline stage (pp x virtual_stages)
+    virtual_stages: int = 1
+    backend: str = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: only at the end
+    keep: int = 2
+    load: str = ""
+    enabled: bool = True
+    async_save: bool = False
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    wandb: str = "disabled"
+    wandb_project: str = "ridgeline"
+    progress: str = "auto"  # auto | bar | lines
+    peak_tflops: float = 0.0  # 0: look the device up in the table
+
+
+@dataclass
+class Config:
+    recipe: str = "default"
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition: configs/ groups -> recipe -> CLI overrides, then the typed schema.
+
+
+def _recipe_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = RECIPE_DIR / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    choices = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe={name!r}: no such recipe; choose one of {choices} or give a .yaml path")
+
+
+def _group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _dotted_key(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    return str(key)
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Compose the config for `overrides` (hydra-style `key=value` strings) and validate it alone.
+
+    Order, later wins: configs/<group>/<choice>.yaml for each group, then the recipe's values,
+    then the command line. Group choices come from the recipe's `defaults` and from CLI
+    `group=choice` overrides.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides)
+    recipe_name = "default"
+    value_overrides, cli_groups = [], {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item!r}: overrides take the form key=value (e.g. train.steps=50)")
+        key, value = item.split("=", 1)
+        if key == "recipe":
+            recipe_name = value
+        elif key in GROUPS and not value.startswith("{"):
+            cli_groups[key] = value
+        else:
+            value_overrides.append(item)
+
+    recipe_file = _recipe_path(recipe_name)
+    try:
+        recipe = OmegaConf.load(recipe_file)
+    except Exception as exc:  # yaml errors carry line numbers; keep them on one line
+        raise ConfigError(f"recipe={recipe_name!r}: cannot read {recipe_file}: {' '.join(str(exc).split())}")
+    if not isinstance(recipe, DictConfig):
+        raise ConfigError(f"recipe={recipe_name!r}: {recipe_file} must hold a mapping")
+    groups = {}
+    for entry in recipe.pop("defaults", []) or []:
+        if not isinstance(entry, DictConfig) or len(entry) != 1:
+            raise ConfigError(f"recipe={recipe_name!r}: defaults entries take the form '- group: choice'")
+        ((group, choice),) = entry.items()
+        groups[str(group)] = str(choice)
+    groups.update(cli_groups)
+    for group, choice in groups.items():
+        if group not in GROUPS:
+            raise ConfigError(f"{group}={choice!r}: unknown config group; groups are {list(GROUPS)}")
+        if choice not in _group_choices(group):
+            raise ConfigError(f"{group}={choice!r}: no configs/{group}/{choice}.yaml; choose one of {_group_choices(group)}")
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        try:
+            composed = compose(config_name="config", overrides=[f"{g}={c}" for g, c in groups.items()])
+        except Exception as exc:
+            raise ConfigError(f"composing configs/: {' '.join(str(exc).split())}")
+    GlobalHydra.instance().clear()
+
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, composed, recipe)
+        if recipe_file.parent.resolve() == RECIPE_DIR:
+            merged.recipe = recipe_file.stem
+        else:
+            merged.recipe = str(recipe_file)
+        for item in value_overrides:
+            key, value = item.split("=", 1)
+            if OmegaConf.select(merged, key, default=MISSING, throw_on_missing=False) is MISSING and "." in key:
+                parent = key.rsplit(".", 1)[0]
+                if OmegaConf.select(merged, parent, default=None) is None:
+                    raise ConfigError(f"{key}: unknown key; sections are {['recipe', 'run', *GROUPS]}")
+            merged.merge_with(OmegaConf.from_dotlist([item]))
+        if not any(o.startswith("run.dir=") for o in value_overrides) and "dir" not in recipe.get("run", {}):
+            merged.run.dir = f"runs/{Path(merged.recipe).stem}"
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe_omegaconf_error(exc)) from None
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _describe_omegaconf_error(exc: OmegaConfBaseException) -> str:
+    key = _dotted_key(exc)
+    msg = str(exc).splitlines()[0]
+    if "Key '" in msg and "not in" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.structured(Config)
+        if parent:
+            node = OmegaConf.select(node, parent, default=None)
+        allowed = sorted(node.keys()) if isinstance(node, DictConfig) else []
+        return f"{key}: unknown key; allowed keys here are {allowed}"
+    value = str(getattr(exc, "msg", msg)).splitlines()[0]
+    return f"{key}: {value}"
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every cross-field check, before any process group or model exists.
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: must be one of {list(allowed)}")
+
+
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}={value}: must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def _divides(key_a: str, a: int, key_b: str, b: int) -> None:
+    if b % a:
+        raise ConfigError(f"{key_b}={b} must be divisible by {key_a}={a}")
+
+
+def resolve_degrees(p: ParallelConfig, world_size: int) -> dict[str, int]:
+    """The four mesh degrees with a single -1 inferred; their product must equal the world size."""
+    names = ("pp", "dp_replicate", "dp_shard", "tp")
+    degrees = {n: getattr(p, n) for n in names}
+    inferred = [n for n, d in degrees.items() if d == -1]
+    for n, d in degrees.items():
+        if d == 0 or d < -1:
+            raise ConfigError(f"parallel.{n}={d}: must be a positive degree (or -1 to infer it)")
+    if len(inferred) > 1:
+        raise ConfigError(f"parallel.{{{','.join(inferred)}}}=-1: at most one degree may be -1")
+    known = 1
+    for n, d in degrees.items():
+        if d != -1:
+            known *= d
+    if inferred:
+        if world_size % known:
+            raise ConfigError(
+                f"parallel.{inferred[0]}=-1: world size {world_size} is not divisible by the other degrees' product {known}"
+            )
+        degrees[inferred[0]] = world_size // known
+    product = 1
+    for d in degrees.values():
+        product *= d
+    if product != world_size:
+        desc = " x ".join(f"{n}={d}" for n, d in degrees.items())
+        raise ConfigError(f"parallel: {desc} = {product} processes, but WORLD_SIZE={world_size}")
+    return degrees
+
+
+def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
+    """Check every value and combination; return the resolved mesh degrees. Never rewrites a value."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    m, d, o, t, p, c, log = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel, cfg.checkpoint, cfg.log
+
+    _choice("run.device", cfg.run.device, DEVICES)
+    if not cfg.run.dir:
+        raise ConfigError("run.dir='': must name a folder")
+    for key in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    _positive("model.norm_eps", m.norm_eps)
+    _positive("model.rope_theta", m.rope_theta)
+    _positive("model.init_std", m.init_std)
+    _choice("model.pos_encoding", m.pos_encoding, POS_ENCODINGS)
+    _divides("model.num_heads", m.num_heads, "model.dim", m.dim)
+    _divides("model.num_kv_heads", m.num_kv_heads, "model.num_heads", m.num_heads)
+    if m.pos_encoding == "rope" and (m.dim // m.num_heads) % 2:
+        raise ConfigError(f"model.dim/model.num_heads={m.dim // m.num_heads}: rope needs an even head dimension")
+
+    _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
+    if not 0 < d.val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction={d.val_fraction}: must be in (0, 0.5)")
+    if d.tokenizer == "bpe" and d.bpe_vocab_size < 260:
+        raise ConfigError(f"data.bpe_vocab_size={d.bpe_vocab_size}: must be >= 260 (256 bytes + specials)")
+    tokenizer_vocab = 257 if d.tokenizer == "byte" else d.bpe_vocab_size
+    if m.vocab_size < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size}: smaller than the {d.tokenizer} tokenizer's {tokenizer_vocab} tokens"
+        )
+
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    _positive("optim.grad_clip", o.grad_clip, zero_ok=True)
+    _positive("optim.eps", o.eps)
+    _positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(o, key) < 1:
+            raise ConfigError(f"optim.{key}={getattr(o, key)}: must be in [0, 1)")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction={o.decay_fraction}: must be in (0, 1]")
+    _choice("optim.schedule", o.schedule, LR_SCHEDULES)
+
+    for key in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "val_every", "ac_every"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.val_batches", t.val_batches, zero_ok=True)
+    if t.seed < 0:
+        raise ConfigError(f"train.seed={t.seed}: must be >= 0")
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
+    _choice("train.attention_backend", t.attention_backend, ("auto", "cudnn", "flash", "efficient", "math"))
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len}: beyond model.max_seq_len={m.max_seq_len}")
+
+    _choice("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
+    _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+    _choice("parallel.zero", p.zero, (0, 1, 2, 3))
+    _positive("parallel.virtual_stages", p.virtual_stages)
+    _positive("parallel.microbatches", p.microbatches, zero_ok=True)
+    degrees = resolve_degrees(p, world_size)
+    tp, pp, dp = degrees["tp"], degrees["pp"], degrees["dp_replicate"] * degrees["dp_shard"]
+    if tp > 1:
+        _divides("parallel.tp", tp, "model.num_heads", m.num_heads)
+        _divides("parallel.tp", tp, "model.num_kv_heads", m.num_kv_heads)
+        _divides("parallel.tp", tp, "model.ffn_dim", m.ffn_dim)
+        _divides("parallel.tp", tp, "model.vocab_size", m.vocab_size)
+        if p.sequence_parallel:
+            _divides("parallel.tp", tp, "train.seq_len", t.seq_len)
+        if m.pos_encoding == "alibi":
+            raise ConfigError("model.pos_encoding='alibi' with parallel.tp>1: ALiBi slopes depend on the global head index")
+    elif p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if degrees["dp_shard"] > 1 and p.zero == 0:
+        raise ConfigError(f"parallel.dp_shard={degrees['dp_shard']} needs parallel.zero in [1, 2, 3] (0 is plain DDP over dp_replicate)")
+    if degrees["dp_replicate"] > 1 and degrees["dp_shard"] == 1 and p.zero > 1:
+        raise ConfigError(f"parallel.zero={p.zero}: shards over parallel.dp_shard, which is 1; set parallel.dp_shard instead of dp_replicate")
+    interleaved = p.pp_schedule in ("interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv")
+    if pp > 1:
+        if p.virtual_stages > 1 and not interleaved:
+            raise ConfigError(f"parallel.virtual_stages={p.virtual_stages}: needs an interleaved parallel.pp_schedule, not {p.pp_schedule!r}")
+        if interleaved and p.virtual_stages < 2:
+            raise ConfigError(f"parallel.pp_schedule={p.pp_schedule!r}: needs parallel.virtual_stages >= 2")
+        if p.pp_schedule == "zbv" and p.virtual_stages != 2:
+            raise ConfigError(f"parallel.pp_schedule='zbv': needs parallel.virtual_stages=2, not {p.virtual_stages}")
+        stages = pp * p.virtual_stages
+        if m.num_layers < stages:
+            raise ConfigError(f"model.num_layers={m.num_layers}: fewer than parallel.pp x virtual_stages = {stages} stages")
+    elif p.virtual_stages > 1:
+        raise ConfigError(f"parallel.virtual_stages={p.virtual_stages}: needs parallel.pp > 1")
+    microbatches = get_microbatches(p, pp)
+    per_rank = dp * t.micro_batch_size * (microbatches if pp > 1 else 1)
+    if t.global_batch_size % per_rank:
+        what = "dp x micro_batch_size" + (" x microbatches" if pp > 1 else "")
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size}: not divisible by {what} = {per_rank}"
+            f" (dp={dp}, train.micro_batch_size={t.micro_batch_size}" + (f", microbatches={microbatches})" if pp > 1 else ")")
+        )
+    if pp > 1 and interleaved and microbatches % pp:
+        raise ConfigError(f"parallel.microbatches={microbatches}: interleaved schedules need a multiple of parallel.pp={pp}")
+
+    _positive("checkpoint.every", c.every, zero_ok=True)
+    _positive("checkpoint.keep", c.keep)
+    if c.load and not Path(c.load).exists():
+        raise ConfigError(f"checkpoint.load={c.load!r}: no such checkpoint")
+    _positive("log.every", log.every)
+    _positive("log.peak_tflops", log.peak_tflops, zero_ok=True)
+    _choice("log.wandb", log.wandb, WANDB_MODES)
+    _choice("log.progress", log.progress, ("auto", "bar", "lines"))
+    return degrees
+
+
+def get_microbatches(p: ParallelConfig, pp: int) -> int:
+    return p.microbatches or pp * p.virtual_stages

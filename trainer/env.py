@@ -1,0 +1,89 @@
+"""The process's place in the job: rank, world size, device, process group, and the device's peak.
+
+The only module that reads torchrun's environment variables (RANK, LOCAL_RANK, WORLD_SIZE).
+Must not hold mesh construction (parallel/mesh.py) or anything about the model.
+"""
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# Dense bf16 peak TFLOP/s by device name (vendor datasheets, dense, no sparsity). Longest key first.
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "A10G": 125.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "MI300X": 1307.0,
+}
+
+
+@dataclass
+class Env:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def get_env(device_choice: str = "auto") -> Env:
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return Env(rank, local_rank, world_size, device)
+
+
+def init_process_group(env: Env, backend: str = "auto", timeout_s: float = 600.0) -> None:
+    """Start the default process group when launched by torchrun with more than one process."""
+    if env.world_size == 1 or dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                            device_id=env.device if backend == "nccl" else None)
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
+    """The device's dense bf16 peak, or None when unknown (CPU, unlisted GPU): MFU is then not shown."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+def get_memory_gb(device: torch.device) -> float:
+    """Peak reserved device memory (CUDA) or peak resident set size (CPU), in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
