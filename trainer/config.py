@@ -92,7 +92,7 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
-    zero: int = 0
+    zero: int = 3  # over dp_shard: 1 optimizer state, 2 + gradients, 3 + parameters; 0 = plain DDP
     sequence_parallel: bool = False
     pp_schedule: str = "1f1b"
     microbatches: int = 0  # 0: one per pipeline stage (pp x virtual_stages)
@@ -372,10 +372,16 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
             raise ConfigError("model.pos_encoding='alibi' with parallel.tp>1: ALiBi slopes depend on the global head index")
     elif p.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
-    if degrees["dp_shard"] > 1 and p.zero == 0:
-        raise ConfigError(f"parallel.dp_shard={degrees['dp_shard']} needs parallel.zero in [1, 2, 3] (0 is plain DDP over dp_replicate)")
-    if degrees["dp_replicate"] > 1 and degrees["dp_shard"] == 1 and p.zero > 1:
-        raise ConfigError(f"parallel.zero={p.zero}: shards over parallel.dp_shard, which is 1; set parallel.dp_shard instead of dp_replicate")
+    if p.zero == 0 and degrees["dp_shard"] > 1:
+        raise ConfigError(f"parallel.zero=0 (plain DDP) replicates over parallel.dp_replicate; got parallel.dp_shard={degrees['dp_shard']}: use dp_replicate or zero in [1, 2, 3]")
+    if p.zero == 1 and degrees["dp_replicate"] > 1:
+        raise ConfigError(f"parallel.zero=1 shards optimizer state over parallel.dp_shard; got parallel.dp_replicate={degrees['dp_replicate']}: use dp_shard")
+    if p.zero in (0, 1) and tp > 1 and dp > 1:
+        raise ConfigError(f"parallel.zero={p.zero} with parallel.tp={tp}: DDP does not take tensor-parallel parameters; use parallel.zero=2 or 3 (FSDP/HSDP)")
+    if tp > 1 and p.sequence_parallel and m.pos_encoding in ("learned", "sinusoidal"):
+        raise ConfigError(f"model.pos_encoding={m.pos_encoding!r} with parallel.sequence_parallel=true: absolute positions are added to full sequences; use rope or alibi, or turn sequence_parallel off")
+    if m.tie_embeddings and (tp > 1 or pp > 1):
+        raise ConfigError("model.tie_embeddings=true needs parallel.tp=1 and parallel.pp=1 (the tied table would live on two stages or shardings)")
     interleaved = p.pp_schedule in ("interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv")
     if pp > 1:
         if p.virtual_stages > 1 and not interleaved:

@@ -24,13 +24,18 @@ def get_param_groups(model_parts: list[nn.Module], weight_decay: float) -> list[
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, device: torch.device,
+                    zero1_mesh=None) -> torch.optim.Optimizer:
+    """AdamW; with `zero1_mesh` its state is sharded over that mesh (ZeRO-1)."""
     # fused is the fastest kernel on GPU; foreach is the portable choice elsewhere.
     fused = cfg.fused and device.type == "cuda"
-    return torch.optim.AdamW(
-        get_param_groups(model_parts, cfg.weight_decay),
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused, foreach=None if fused else True,
-    )
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused, foreach=None if fused else True)
+    groups = get_param_groups(model_parts, cfg.weight_decay)
+    if zero1_mesh is not None:
+        from parallel.data_parallel import build_zero1_optimizer
+
+        return build_zero1_optimizer(groups, zero1_mesh, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def get_lr_factor(step: int, *, total_steps: int, cfg: OptimConfig) -> float:

@@ -11,10 +11,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_context
 
-from models import Transformer, flops_per_token
-from trainer.config import Config, ConfigError, to_yaml, validate
+from models import count_params, flops_per_token
+from parallel import ParallelModel, build_mesh, build_parallel_model, clip_grad_norm_, get_dp_rank_and_size
+from trainer.config import Config, ConfigError, get_microbatches, to_yaml, validate
 from trainer.data import SampleStream, build_data, val_batches
 from trainer.env import destroy_process_group, get_env, get_memory_gb, get_peak_tflops, init_process_group
 from trainer.metrics import MetricsLogger, format_duration
@@ -23,12 +27,14 @@ from trainer.optim import build_lr_scheduler, build_optimizer
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # Upcast here, not in the model: the fp32 logits live only inside the loss.
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+    # Under loss_parallel the loss is a replicated DTensor; a plain tensor (differentiable) adds to plain totals.
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
-def get_autocast(cfg: Config, device: torch.device):
-    """The one place mixed precision is chosen when FSDP does not carry it (single process, DDP)."""
-    if cfg.train.precision == "fp32":
+def get_autocast(cfg: Config, device: torch.device, *, fsdp: bool):
+    """Mixed precision where FSDP does not carry it (one process, DDP, TP or PP without FSDP)."""
+    if cfg.train.precision == "fp32" or fsdp:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -47,82 +53,95 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
     return run_dir
 
 
-def build_model(cfg: Config, device: torch.device) -> Transformer:
-    # Meta first, then materialise and init from the seed: the same weights whatever the layout.
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights(cfg.train.seed)
-    model.init_buffers(device)
-    return model
-
-
-def train_step(model, batch: torch.Tensor, *, microbatches: int, autocast, device) -> torch.Tensor:
-    """Forward/backward over `microbatches` slices of this rank's batch; returns the mean loss (on device)."""
+def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, autocast, device) -> torch.Tensor:
+    """Forward/backward over this rank's batch in `accumulation` slices; returns the summed mean loss
+    (on device; zero on pipeline ranks without the last stage)."""
     total = torch.zeros((), device=device)
-    for micro in batch.chunk(microbatches):
+    loss_context = loss_parallel_context if pm.loss_parallel else contextlib.nullcontext
+    for index, micro in enumerate(batch.chunk(accumulation)):
         micro = micro.to(device, non_blocking=True)
-        with autocast:
-            logits = model(micro[:, :-1])
-        loss = cross_entropy_loss(logits, micro[:, 1:]) / microbatches
-        loss.backward()
-        total += loss.detach()
+        inputs, targets = micro[:, :-1], micro[:, 1:]
+        last = index == accumulation - 1
+        for part in pm.parts:  # reduce gradients only after the last slice
+            if pm.uses_fsdp:
+                part.set_requires_gradient_sync(last)
+            elif pm.uses_ddp:
+                part.require_backward_grad_sync = last
+        with autocast, loss_context():
+            if pm.schedule is None:
+                loss = cross_entropy_loss(pm.parts[0](inputs), targets) / accumulation
+                loss.backward()
+                total += loss.detach()
+            else:
+                losses = []
+                kwargs = {"target": targets, "losses": losses} if pm.is_last_stage else {}
+                pm.schedule.step(*([inputs] if pm.is_first_stage else []), **kwargs)
+                if losses:
+                    total += torch.stack(losses).mean().detach()  # loss_fn already divided by accumulation
     return total
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor], *, autocast, device) -> float:
+def evaluate(model, batches: list[torch.Tensor], *, autocast, device, loss_parallel: bool) -> torch.Tensor:
+    """Mean loss over fixed validation batches (every data-parallel rank sees the same ones)."""
     model.eval()
     losses = []
     for batch in batches:
         batch = batch.to(device)
-        with autocast:
-            logits = model(batch[:, :-1])
-        losses.append(cross_entropy_loss(logits, batch[:, 1:]))
+        with autocast, (loss_parallel_context() if loss_parallel else contextlib.nullcontext()):
+            losses.append(cross_entropy_loss(model(batch[:, :-1]), batch[:, 1:]))
     model.train()
-    return torch.stack(losses).mean().item()
+    return torch.stack(losses).mean()
 
 
 def train(cfg: Config) -> dict:
     env = get_env(cfg.run.device)
-    validate(cfg, env.world_size)
+    degrees = validate(cfg, env.world_size)
     run_dir = prepare_run_dir(cfg, env.is_main)
     data = build_data(cfg, run_dir if env.is_main else None, log=print if env.is_main else lambda *_: None)
     init_process_group(env, cfg.parallel.backend)
     torch.manual_seed(cfg.train.seed)
     try:
-        return _train(cfg, env, run_dir, data)
+        return train_loop(cfg, env, degrees, run_dir, data)[0]
     finally:
         destroy_process_group()
 
 
-def _train(cfg: Config, env, run_dir: Path, data) -> dict:
+def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -> tuple[dict, ParallelModel]:
+    """Build, then train for train.steps; returns the last logged metrics and the trained model."""
     t = cfg.train
     logger = MetricsLogger(run_dir, enabled=env.is_main, progress=cfg.log.progress, wandb_mode=cfg.log.wandb,
                            wandb_project=cfg.log.wandb_project)
-    model = build_model(cfg, env.device)
-    optimizer = build_optimizer([model], cfg.optim, env.device)
+    mesh = build_mesh(degrees, env.device.type) if env.world_size > 1 else None
+    dp_rank, dp_size = get_dp_rank_and_size(mesh)
+    pp_microbatches = get_microbatches(cfg.parallel, degrees["pp"]) if degrees["pp"] > 1 else 1
+    # The recipe fixes the global batch; accumulation is whatever the layout leaves over.
+    accumulation = t.global_batch_size // (dp_size * t.micro_batch_size * pp_microbatches)
+    loss_fn = lambda logits, targets: cross_entropy_loss(logits, targets) / accumulation  # noqa: E731
+    pm = build_parallel_model(cfg, degrees, mesh, env.device, loss_fn=loss_fn, microbatches=pp_microbatches)
+    params = pm.parameters()
+    optimizer = build_optimizer(pm.parts, cfg.optim, env.device,
+                                zero1_mesh=mesh["dp_shard"] if cfg.parallel.zero == 1 and dp_size > 1 else None)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, t.steps)
-    autocast = get_autocast(cfg, env.device)
+    autocast = get_autocast(cfg, env.device, fsdp=pm.uses_fsdp)
     stream = SampleStream(data.train, seed=t.seed)
-    val = val_batches(data, t.micro_batch_size, t.val_batches) if t.val_batches else []
-    microbatches = t.global_batch_size // t.micro_batch_size
+    val = val_batches(data, t.micro_batch_size, t.val_batches) if t.val_batches and degrees["pp"] == 1 else []
     tokens_per_step = t.global_batch_size * t.seq_len
     step_flops = flops_per_token(cfg.model, t.seq_len) * tokens_per_step
     peak = get_peak_tflops(env.device, cfg.log.peak_tflops)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, dim {cfg.model.dim}"
-                f" | {tokens_per_step:,} tokens/step ({t.global_batch_size} x {t.seq_len}), {microbatches} micro-batches"
-                f" | device {env.device}, {t.precision} | run dir {run_dir}")
+    logger.info(f"model: {count_params(cfg.model) / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, dim {cfg.model.dim}"
+                f" | {tokens_per_step:,} tokens/step ({t.global_batch_size} x {t.seq_len}), accumulation {accumulation}"
+                f" | {env.world_size} x {env.device.type}, {t.precision} | run dir {run_dir}")
+    for note in pm.notes:
+        logger.info(note)
 
     step, loss_sum, last_log_time, last_log_step = 0, None, time.perf_counter(), 0
     start_time, last = last_log_time, {}
     while step < t.steps:
-        batch = stream.next_batch(t.global_batch_size, 0, 1)
-        loss = train_step(model, batch, microbatches=microbatches, autocast=autocast, device=env.device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        batch = stream.next_batch(t.global_batch_size, dp_rank, dp_size)
+        loss = train_step(pm, batch, accumulation=accumulation, autocast=autocast, device=env.device)
+        grad_norm = clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"), mesh["pp"] if mesh is not None else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
@@ -131,12 +150,12 @@ def _train(cfg: Config, env, run_dir: Path, data) -> dict:
         loss_sum = loss if loss_sum is None else loss_sum + loss
 
         if step % cfg.log.every == 0 or step == t.steps:
-            # The only host sync of the loop: reading the loss and norm at a log step.
+            # The only host syncs of the loop: reading the loss and norm at a log step.
             elapsed = time.perf_counter() - last_log_time
             steps_done = step - last_log_step
             tokens_per_s = steps_done * tokens_per_step / elapsed
             last = {
-                "loss": (loss_sum / steps_done).item(),
+                "loss": get_global_mean(loss_sum / steps_done, env.world_size, holders=env.world_size // degrees["pp"]),
                 "lr": lr,
                 "grad_norm": grad_norm.item(),
                 "tokens_per_s": tokens_per_s,
@@ -150,7 +169,8 @@ def _train(cfg: Config, env, run_dir: Path, data) -> dict:
             logger.log(step, t.steps, last)
             loss_sum, last_log_time, last_log_step = None, time.perf_counter(), step
         if val and (step % t.val_every == 0 or step == t.steps):
-            last["val_loss"] = evaluate(model, val, autocast=autocast, device=env.device)
+            val_loss = evaluate(pm.parts[0], val, autocast=autocast, device=env.device, loss_parallel=pm.loss_parallel)
+            last["val_loss"] = get_global_mean(val_loss, env.world_size, holders=env.world_size)
             logger.info(f"step {step}/{t.steps} | val loss {last['val_loss']:.4f}")
             logger.log(step, t.steps, {"val_loss": last["val_loss"]}, show=False)
 
@@ -158,4 +178,12 @@ def _train(cfg: Config, env, run_dir: Path, data) -> dict:
     logger.info(f"done: {t.steps} steps in {format_duration(total_time)}, final loss {last.get('loss', float('nan')):.4f}"
                 + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" | run dir {run_dir}")
     logger.close()
-    return last
+    return last, pm
+
+
+def get_global_mean(value: torch.Tensor, world_size: int, *, holders: int) -> float:
+    """Mean of `value` over the ranks that hold it (the others hold zero): a log-step-only collective."""
+    if world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value.item() / holders
