@@ -19,6 +19,7 @@ from models import Transformer
 from parallel.activation_checkpoint import apply_ac
 from parallel.compile import apply_compile
 from parallel.data_parallel import apply_ddp, apply_fsdp
+from parallel.float8 import apply_float8
 from parallel.grad_norm import clip_grad_norm_
 from parallel.materialize import materialize
 from parallel.mesh import AXES, build_mesh, get_dp_rank_and_size
@@ -53,7 +54,8 @@ def get_data_parallel_mode(cfg, degrees: dict[str, int]) -> str:
     return "ddp" if cfg.parallel.zero in (0, 1) else "fsdp"
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg, degrees: dict[str, int]) -> nn.Module:
+def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg, degrees: dict[str, int],
+                notes: list[str] | None = None) -> nn.Module:
     """TP/SP, then activation checkpointing, then compile, then FSDP/HSDP; in place, on meta.
 
     The order matters: TP turns parameters into DTensors that FSDP then shards on the dp axes;
@@ -61,6 +63,12 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg, degrees: dict[st
     applied here: it checks shapes across ranks and builds its buckets when it wraps, so
     build_parallel_model wraps the materialised stage.
     """
+    if cfg.train.precision == "fp8":
+        # Before TP: torchao's float8 linears have their own tensor-parallel styles upstream; here TP
+        # and fp8 together are refused by validation.
+        converted = apply_float8(model, recipe=cfg.train.fp8_recipe, fsdp=get_data_parallel_mode(cfg, degrees) == "fsdp")
+        notes.append(f"fp8 ({cfg.train.fp8_recipe}): {len(converted)} linears converted"
+                     + (f", e.g. {converted[0]} .. {converted[-1]}" if converted else " (none large enough)"))
     if degrees["tp"] > 1:
         apply_tp(model, mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel, loss_parallel=True)
     apply_ac(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
@@ -89,7 +97,7 @@ def build_parallel_model(cfg, degrees: dict[str, int], mesh: DeviceMesh | None, 
         stage_ids = get_stage_ids(mesh.get_local_rank("pp"), pp, cfg.parallel.virtual_stages, cfg.parallel.pp_schedule)
         models = [split_stage(full, s, num_stages) for s in stage_ids]
     for stage_model in models:
-        part = parallelize(stage_model, mesh, cfg, degrees)
+        part = parallelize(stage_model, mesh, cfg, degrees, result.notes)
         materialize(part, stage_model, device, cfg.train.seed)
         if mode == "ddp":
             # zero=0 replicates over dp_replicate; zero=1 over dp_shard, where the optimizer state is sharded.

@@ -77,7 +77,8 @@ class TrainConfig:
     seq_len: int = 256
     global_batch_size: int = 16
     micro_batch_size: int = 16
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | bf16 | fp8 (bf16 compute + torchao float8 block linears)
+    fp8_recipe: str = "tensorwise"  # tensorwise | rowwise
     val_every: int = 50
     val_batches: int = 4
     activation_checkpointing: str = "none"
@@ -349,6 +350,7 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
     if t.seed < 0:
         raise ConfigError(f"train.seed={t.seed}: must be >= 0")
     _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.fp8_recipe", t.fp8_recipe, ("tensorwise", "rowwise"))
     _choice("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
     _choice("train.attention_backend", t.attention_backend, ("auto", "cudnn", "flash", "efficient", "math"))
     if t.seq_len > m.max_seq_len:
@@ -380,8 +382,10 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
         raise ConfigError(f"parallel.zero={p.zero} with parallel.tp={tp}: DDP does not take tensor-parallel parameters; use parallel.zero=2 or 3 (FSDP/HSDP)")
     if tp > 1 and p.sequence_parallel and m.pos_encoding in ("learned", "sinusoidal"):
         raise ConfigError(f"model.pos_encoding={m.pos_encoding!r} with parallel.sequence_parallel=true: absolute positions are added to full sequences; use rope or alibi, or turn sequence_parallel off")
-    if m.tie_embeddings and (tp > 1 or pp > 1):
-        raise ConfigError("model.tie_embeddings=true needs parallel.tp=1 and parallel.pp=1 (the tied table would live on two stages or shardings)")
+    if t.precision == "fp8" and tp > 1:
+        raise ConfigError(f"train.precision='fp8' with parallel.tp={tp}: float8 tensor-parallel styles are not wired; use bf16 or tp=1")
+    if m.tie_embeddings and world_size > 1:
+        raise ConfigError(f"model.tie_embeddings=true needs one process (WORLD_SIZE={world_size}): a tied table does not survive sharding or a stage split")
     interleaved = p.pp_schedule in ("interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv")
     if pp > 1:
         if p.virtual_stages > 1 and not interleaved:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_context
 
@@ -25,6 +26,10 @@ from trainer.metrics import MetricsLogger, format_duration
 from trainer.optim import build_lr_scheduler, build_optimizer
 
 
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # Upcast here, not in the model: the fp32 logits live only inside the loss.
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
@@ -32,11 +37,22 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
-def get_autocast(cfg: Config, device: torch.device, *, fsdp: bool):
-    """Mixed precision where FSDP does not carry it (one process, DDP, TP or PP without FSDP)."""
-    if cfg.train.precision == "fp32" or fsdp:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def get_compute_context(cfg: Config, device: torch.device, *, fsdp: bool):
+    """A factory of the context forward and backward run in: mixed precision where FSDP does not
+    carry it (one process, DDP, TP or PP without FSDP), and the attention backend asked for."""
+    autocast = cfg.train.precision != "fp32" and not fsdp
+    backend = SDPA_BACKENDS.get(cfg.train.attention_backend)
+
+    @contextlib.contextmanager
+    def context():
+        with contextlib.ExitStack() as stack:
+            if backend is not None:
+                stack.enter_context(sdpa_kernel(backend))
+            if autocast:
+                stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+            yield
+
+    return context
 
 
 def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
@@ -53,7 +69,7 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
     return run_dir
 
 
-def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, autocast, device) -> torch.Tensor:
+def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, compute_context, device) -> torch.Tensor:
     """Forward/backward over this rank's batch in `accumulation` slices; returns the summed mean loss
     (on device; zero on pipeline ranks without the last stage)."""
     total = torch.zeros((), device=device)
@@ -67,7 +83,7 @@ def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, aut
                 part.set_requires_gradient_sync(last)
             elif pm.uses_ddp:
                 part.require_backward_grad_sync = last
-        with autocast, loss_context():
+        with compute_context(), loss_context():
             if pm.schedule is None:
                 loss = cross_entropy_loss(pm.parts[0](inputs), targets) / accumulation
                 loss.backward()
@@ -82,13 +98,13 @@ def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, aut
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor], *, autocast, device, loss_parallel: bool) -> torch.Tensor:
+def evaluate(model, batches: list[torch.Tensor], *, compute_context, device, loss_parallel: bool) -> torch.Tensor:
     """Mean loss over fixed validation batches (every data-parallel rank sees the same ones)."""
     model.eval()
     losses = []
     for batch in batches:
         batch = batch.to(device)
-        with autocast, (loss_parallel_context() if loss_parallel else contextlib.nullcontext()):
+        with compute_context(), (loss_parallel_context() if loss_parallel else contextlib.nullcontext()):
             losses.append(cross_entropy_loss(model(batch[:, :-1]), batch[:, 1:]))
     model.train()
     return torch.stack(losses).mean()
@@ -123,7 +139,7 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -
     optimizer = build_optimizer(pm.parts, cfg.optim, env.device,
                                 zero1_mesh=mesh["dp_shard"] if cfg.parallel.zero == 1 and dp_size > 1 else None)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, t.steps)
-    autocast = get_autocast(cfg, env.device, fsdp=pm.uses_fsdp)
+    compute_context = get_compute_context(cfg, env.device, fsdp=pm.uses_fsdp)
     stream = SampleStream(data.train, seed=t.seed)
     val = val_batches(data, t.micro_batch_size, t.val_batches) if t.val_batches and degrees["pp"] == 1 else []
     tokens_per_step = t.global_batch_size * t.seq_len
@@ -140,7 +156,7 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -
     start_time, last = last_log_time, {}
     while step < t.steps:
         batch = stream.next_batch(t.global_batch_size, dp_rank, dp_size)
-        loss = train_step(pm, batch, accumulation=accumulation, autocast=autocast, device=env.device)
+        loss = train_step(pm, batch, accumulation=accumulation, compute_context=compute_context, device=env.device)
         grad_norm = clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"), mesh["pp"] if mesh is not None else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -169,7 +185,7 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -
             logger.log(step, t.steps, last)
             loss_sum, last_log_time, last_log_step = None, time.perf_counter(), step
         if val and (step % t.val_every == 0 or step == t.steps):
-            val_loss = evaluate(pm.parts[0], val, autocast=autocast, device=env.device, loss_parallel=pm.loss_parallel)
+            val_loss = evaluate(pm.parts[0], val, compute_context=compute_context, device=env.device, loss_parallel=pm.loss_parallel)
             last["val_loss"] = get_global_mean(val_loss, env.world_size, holders=env.world_size)
             logger.info(f"step {step}/{t.steps} | val loss {last['val_loss']:.4f}")
             logger.log(step, t.steps, {"val_loss": last["val_loss"]}, show=False)

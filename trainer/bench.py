@@ -1,0 +1,91 @@
+"""Throughput benchmark: `python -m trainer.bench recipe=bench_1b [warmup=20] [key=value ...]`.
+
+Runs the normal trainer, then measures steady state from metrics.jsonl: tokens/s over the steps
+after `warmup` (20 by default, as the reference measures steps 21-60), MFU by the model's FLOPs
+per token, peak memory. Prints one line and appends a JSON record to <run.dir>/bench.jsonl.
+Must not hold a second training loop.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from models import flops_per_token
+from trainer.config import Config, ConfigError, load_config
+from trainer.env import get_env, get_peak_tflops
+
+
+def summarize(cfg: Config, records: list[dict], warmup: int) -> dict:
+    """Steady-state figures between the log step at `warmup` and the last one."""
+    steps = [r for r in records if "loss" in r]
+    start = next((r for r in steps if r["step"] == warmup), None)
+    end = steps[-1] if steps else None
+    if start is None or end is None or end["step"] <= warmup:
+        raise ConfigError(f"warmup={warmup}: needs a log step at {warmup} and later ones (set log.every to divide it)")
+    tokens = (end["step"] - start["step"]) * cfg.train.global_batch_size * cfg.train.seq_len
+    tokens_per_s = tokens / (end["time_s"] - start["time_s"])
+    env = get_env(cfg.run.device)
+    per_device = tokens_per_s / env.world_size
+    peak = get_peak_tflops(env.device, cfg.log.peak_tflops)
+    flops = flops_per_token(cfg.model, cfg.train.seq_len)
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "world_size": env.world_size,
+        "recipe": cfg.recipe,
+        "precision": cfg.train.precision,
+        "compile": cfg.train.compile,
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+        "attention_backend": cfg.train.attention_backend,
+        "batch": cfg.train.global_batch_size,
+        "seq_len": cfg.train.seq_len,
+        "steps": f"{warmup + 1}-{end['step']}",
+        "tokens_per_s": round(tokens_per_s),
+        "tokens_per_s_per_device": round(per_device),
+        "flops_per_token": flops,
+        "mfu": round(per_device * flops / (peak * 1e12), 4) if peak else None,
+        "peak_mem_gb": round(end["mem_gb"], 1),
+        "final_loss": round(end["loss"], 4),
+    }
+
+
+def main(argv: list[str]) -> int:
+    warmup = 20
+    overrides = []
+    for item in argv:
+        if item.startswith("warmup="):
+            warmup = int(item.split("=", 1)[1])
+        else:
+            overrides.append(item)
+    try:
+        cfg = load_config(overrides)
+        from trainer.train import train
+
+        train(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if get_env().rank != 0:
+        return 0
+    run_dir = Path(cfg.run.dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    try:
+        result = summarize(cfg, records, warmup)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with open(run_dir / "bench.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+    mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
+    print(f"bench: {result['tokens_per_s']:,} tokens/s ({result['tokens_per_s_per_device']:,}/device), MFU {mfu}, "
+          f"peak {result['peak_mem_gb']} GiB, steps {result['steps']} | {json.dumps(result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
