@@ -19,6 +19,7 @@ from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_con
 
 from models import count_params, flops_per_token
 from parallel import ParallelModel, build_mesh, build_parallel_model, clip_grad_norm_, get_dp_rank_and_size
+from trainer.checkpoint import Checkpointer, find_load_source
 from trainer.config import Config, ConfigError, get_microbatches, to_yaml, validate
 from trainer.data import SampleStream, build_data, val_batches
 from trainer.env import destroy_process_group, get_env, get_memory_gb, get_peak_tflops, init_process_group
@@ -69,7 +70,8 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
     return run_dir
 
 
-def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, compute_context, device) -> torch.Tensor:
+def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, compute_context, device,
+               criterion=cross_entropy_loss) -> torch.Tensor:
     """Forward/backward over this rank's batch in `accumulation` slices; returns the summed mean loss
     (on device; zero on pipeline ranks without the last stage)."""
     total = torch.zeros((), device=device)
@@ -82,10 +84,13 @@ def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, com
             if pm.uses_fsdp:
                 part.set_requires_gradient_sync(last)
             elif pm.uses_ddp:
-                part.require_backward_grad_sync = last
+                # Under a pipeline schedule the stage arms DDP's reduction itself on its last backward; a
+                # forward that armed it too (the schedule's shape inference runs one outside no_sync)
+                # would reduce twice and break DDP's bucket rebuild.
+                part.require_backward_grad_sync = last and pm.schedule is None
         with compute_context(), loss_context():
             if pm.schedule is None:
-                loss = cross_entropy_loss(pm.parts[0](inputs), targets) / accumulation
+                loss = criterion(pm.parts[0](inputs), targets) / accumulation
                 loss.backward()
                 total += loss.detach()
             else:
@@ -93,7 +98,7 @@ def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, com
                 kwargs = {"target": targets, "losses": losses} if pm.is_last_stage else {}
                 pm.schedule.step(*([inputs] if pm.is_first_stage else []), **kwargs)
                 if losses:
-                    total += torch.stack(losses).mean().detach()  # loss_fn already divided by accumulation
+                    total += torch.stack(losses).sum().detach()  # loss_fn already divided by accumulation x microbatches
     return total
 
 
@@ -126,20 +131,24 @@ def train(cfg: Config) -> dict:
 def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -> tuple[dict, ParallelModel]:
     """Build, then train for train.steps; returns the last logged metrics and the trained model."""
     t = cfg.train
+    source = find_load_source(cfg.checkpoint, run_dir)  # a resumed run appends to its metrics.jsonl
     logger = MetricsLogger(run_dir, enabled=env.is_main, progress=cfg.log.progress, wandb_mode=cfg.log.wandb,
-                           wandb_project=cfg.log.wandb_project)
+                           wandb_project=cfg.log.wandb_project, resume=source.resumes)
     mesh = build_mesh(degrees, env.device.type) if env.world_size > 1 else None
     dp_rank, dp_size = get_dp_rank_and_size(mesh)
     pp_microbatches = get_microbatches(cfg.parallel, degrees["pp"]) if degrees["pp"] > 1 else 1
     # The recipe fixes the global batch; accumulation is whatever the layout leaves over.
     accumulation = t.global_batch_size // (dp_size * t.micro_batch_size * pp_microbatches)
-    loss_fn = lambda logits, targets: cross_entropy_loss(logits, targets) / accumulation  # noqa: E731
+    # Each pipeline microbatch's share of the step's mean loss (the schedule does not rescale gradients).
+    loss_fn = lambda logits, targets: cross_entropy_loss(logits, targets) / (accumulation * pp_microbatches)  # noqa: E731
     pm = build_parallel_model(cfg, degrees, mesh, env.device, loss_fn=loss_fn, microbatches=pp_microbatches)
     params = pm.parameters()
     optimizer = build_optimizer(pm.parts, cfg.optim, env.device,
                                 zero1_mesh=mesh["dp_shard"] if cfg.parallel.zero == 1 and dp_size > 1 else None)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, t.steps)
     compute_context = get_compute_context(cfg, env.device, fsdp=pm.uses_fsdp)
+    # Compiled, the fp32 upcast fuses into the softmax instead of materialising fp32 logits.
+    criterion = torch.compile(cross_entropy_loss) if t.compile and not pm.loss_parallel else cross_entropy_loss
     stream = SampleStream(data.train, seed=t.seed)
     val = val_batches(data, t.micro_batch_size, t.val_batches) if t.val_batches and degrees["pp"] == 1 else []
     tokens_per_step = t.global_batch_size * t.seq_len
@@ -152,11 +161,15 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -
     for note in pm.notes:
         logger.info(note)
 
-    step, loss_sum, last_log_time, last_log_step = 0, None, time.perf_counter(), 0
+    checkpointer = Checkpointer(cfg, run_dir, pm=pm, optimizer=optimizer, scheduler=scheduler, stream=stream,
+                                env=env, degrees=degrees, logger=logger)
+    step = checkpointer.load(source)
+    loss_sum, last_log_time, last_log_step = None, time.perf_counter(), step
     start_time, last = last_log_time, {}
     while step < t.steps:
         batch = stream.next_batch(t.global_batch_size, dp_rank, dp_size)
-        loss = train_step(pm, batch, accumulation=accumulation, compute_context=compute_context, device=env.device)
+        loss = train_step(pm, batch, accumulation=accumulation, compute_context=compute_context, device=env.device,
+                          criterion=criterion)
         grad_norm = clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"), mesh["pp"] if mesh is not None else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -189,7 +202,9 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -
             last["val_loss"] = get_global_mean(val_loss, env.world_size, holders=env.world_size)
             logger.info(f"step {step}/{t.steps} | val loss {last['val_loss']:.4f}")
             logger.log(step, t.steps, {"val_loss": last["val_loss"]}, show=False)
+        checkpointer.maybe_save(step)
 
+    checkpointer.close()
     total_time = time.perf_counter() - start_time
     logger.info(f"done: {t.steps} steps in {format_duration(total_time)}, final loss {last.get('loss', float('nan')):.4f}"
                 + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" | run dir {run_dir}")
