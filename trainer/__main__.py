@@ -5,6 +5,7 @@ User errors (config, data, checkpoint) end here as one line on stderr and exit c
 import sys
 
 from trainer.config import ConfigError, load_config
+from trainer.env import get_env
 
 
 def main(argv: list[str]) -> int:
@@ -14,7 +15,8 @@ def main(argv: list[str]) -> int:
 
         train(cfg)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if get_env().is_main:  # every rank finds the same error; one line is enough
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
