@@ -412,7 +412,7 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
 
     _positive("checkpoint.every", c.every, zero_ok=True)
     _positive("checkpoint.keep", c.keep)
-    if c.load and not Path(c.load).exists():
+    if c.load and not Path(c.load.removeprefix("hf:")).exists():  # hf:DIR imports a Hugging Face folder
         raise ConfigError(f"checkpoint.load={c.load!r}: no such checkpoint")
     _positive("log.every", log.every)
     _positive("log.peak_tflops", log.peak_tflops, zero_ok=True)
