@@ -41,27 +41,32 @@ def train_here(overrides: list[str]) -> None:
     train(load_config(BASE + overrides))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_ports(count: int) -> list[int]:
+    """Ports the OS hands out now, all held open together so that they differ."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def torchrun(nproc: int, runs: list[list[str]]) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               __file__, str(free_port()), json.dumps(runs)]
+               __file__, json.dumps(free_ports(len(runs))), json.dumps(runs)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
-def worker(port: int, runs: list[list[str]]) -> None:
+def worker(ports: list[int], runs: list[list[str]]) -> None:
     """Under torchrun: each run starts its own process group on its own store (a re-used store would hand
     the second group the first one's stale addresses)."""
     os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
-    for index, overrides in enumerate(runs):
-        os.environ["MASTER_PORT"] = str(port + 1 + index)
+    for port, overrides in zip(ports, runs):
+        os.environ["MASTER_PORT"] = str(port)
         train_here(overrides)
 
 
@@ -247,4 +252,4 @@ def test_load_source_rules(tmp_path):
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), json.loads(sys.argv[2]))
+    worker(json.loads(sys.argv[1]), json.loads(sys.argv[2]))
