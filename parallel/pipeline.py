@@ -77,7 +77,9 @@ def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], *, num_
     stages = [PipelineStage(module, stage_id, num_stages, device, group=pp_mesh.get_group())
               for module, stage_id in zip(stage_modules, stage_ids)]
     schedule_class = SCHEDULES[schedule]
-    # Schedules scale gradients by 1/microbatches, so loss_fn returns a per-microbatch mean.
+    # scale_grads=False: the default divides every gradient the stage holds by the microbatch count at
+    # the end of each step, including what earlier steps of the same optimizer step accumulated.
+    # loss_fn therefore returns each microbatch's share of the step's mean loss.
     if schedule in SINGLE_STAGE:
-        return schedule_class(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
-    return schedule_class(stages, n_microbatches=microbatches, loss_fn=loss_fn)
+        return schedule_class(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    return schedule_class(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)

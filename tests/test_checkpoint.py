@@ -253,3 +253,6 @@ def test_load_source_rules(tmp_path):
 
 if __name__ == "__main__":
     worker(json.loads(sys.argv[1]), json.loads(sys.argv[2]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip the gloo teardown at interpreter exit (see trainer/__main__.py)

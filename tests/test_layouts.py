@@ -1,0 +1,160 @@
+"""Every parallel layout reproduces the one-process run, on CPU with gloo.
+
+Each layout trains the same tiny model (the debug recipe with 4 layers, so interleaved pipelines get
+4 stages) on the same data, seed and global batch for STEPS fp32 steps under torchrun
+(tests/layout_worker.py); its per-step losses, gradient norms and final full parameters must match
+a module-scoped one-process reference. A deliberately broken run (no gradient reduction across
+data-parallel ranks) must fail the same comparison, so a pass means something.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "layout_worker.py"
+
+STEPS = 6  # through the 5-step warmup and one step at peak lr; clipping is active throughout (norm ~2.2 > 1)
+# The layout changes only the order of floating-point reductions, so fp32 runs agree to a few ulps: losses
+# (~5.5) differ by <= 5e-7 and gradient norms (~2.2) by <= 1e-6. A missing or doubled reduction moves them
+# by 1e-3 or more.
+LOSS_ATOL = 1e-5
+GRAD_NORM_ATOL = 1e-5
+# Parameters drift further: AdamW divides by sqrt(v), which amplifies rounding in tiny gradients; the TP
+# layouts end within 2e-6 of the reference. One AdamW step moves a weight by up to lr = 3e-3, so a layout
+# that drops or doubles a gradient reduction lands far beyond this.
+PARAM_ATOL = 1e-4
+# Ranks holding the same parameter (data-parallel replicas, tp-replicated norms) must agree as closely.
+TOLERANCES = {"loss": LOSS_ATOL, "grad_norm": GRAD_NORM_ATOL, "param": PARAM_ATOL, "replica": PARAM_ATOL}
+RUN_TIMEOUT_S = 300
+
+SHARED = ["model.num_layers=4", f"train.steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=2"]
+
+# id -> (processes, overrides). Global batch 8 = dp x micro 2 x pipeline microbatches x accumulation.
+LAYOUTS = {
+    "ddp2": (2, ["parallel.dp_replicate=2", "parallel.zero=0"]),
+    "zero1_dp2": (2, ["parallel.dp_shard=2", "parallel.zero=1"]),
+    "zero2_dp2": (2, ["parallel.dp_shard=2", "parallel.zero=2"]),
+    "zero3_dp2": (2, ["parallel.dp_shard=2", "parallel.zero=3"]),
+    "hsdp_2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.zero=3"]),
+    "tp2": (2, ["parallel.tp=2"]),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "pp2_gpipe": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
+    "pp2_1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    "pp2_interleaved_1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.virtual_stages=2"]),
+    "dp2_tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"]),
+    "dp2_pp2": (4, ["parallel.dp_shard=2", "parallel.pp=2"]),
+    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "dp2_tp2_pp2": (8, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.pp=2"]),
+    # Regressions: the schedule's shape inference once armed DDP's reduction twice; a later stage under
+    # sequence parallelism once built positions for its sequence shard only.
+    "ddp2_pp2": (4, ["parallel.dp_replicate=2", "parallel.zero=0", "parallel.pp=2"]),
+    "tp2_sp_pp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2"]),
+}
+SLOW = {"dp2_tp2_pp2"}
+
+
+@dataclass
+class Run:
+    losses: list[float]
+    grad_norms: list[float]
+    params: dict[str, torch.Tensor]  # merged over ranks: every stage, unsharded
+    replica_diff: float  # largest disagreement between ranks holding the same parameter
+
+
+def run_layout(out_dir: Path, nproc: int, overrides: list[str], *, cache_dir: Path, worker_flags=()) -> Run:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER),
+           str(out_dir), *worker_flags, *SHARED, f"data.cache_dir={cache_dir}", *overrides]
+    # One thread per rank: up to 8 ranks share CI's 2 cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Own session, so a timeout can end torchrun and its workers together.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)}\ntimed out after {RUN_TIMEOUT_S}s\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-6000:]}")
+    if proc.returncode:
+        pytest.fail(f"{' '.join(cmd)}\nexit code {proc.returncode}\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-6000:]}")
+    return load_run(out_dir)
+
+
+def load_run(out_dir: Path) -> Run:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "loss" in r]
+    params, replica_diff = {}, 0.0
+    for path in sorted(out_dir.glob("params_rank*.safetensors")):
+        for name, value in load_file(str(path)).items():
+            if name in params:
+                replica_diff = max(replica_diff, (params[name] - value).abs().max().item())
+            params[name] = value
+    return Run([r["loss"] for r in records], [r["grad_norm"] for r in records], params, replica_diff)
+
+
+def get_max_diffs(run: Run, ref: Run) -> dict[str, float]:
+    """Largest absolute differences from the reference (inf where a step or parameter is missing)."""
+    def max_abs(a: list[float], b: list[float]) -> float:
+        return max(abs(x - y) for x, y in zip(a, b)) if len(a) == len(b) else float("inf")
+
+    param_diff = float("inf")
+    if run.params.keys() == ref.params.keys():
+        param_diff = max((run.params[n] - ref.params[n]).abs().max().item() if run.params[n].shape == ref.params[n].shape
+                         else float("inf") for n in ref.params)
+    return {"loss": max_abs(run.losses, ref.losses), "grad_norm": max_abs(run.grad_norms, ref.grad_norms),
+            "param": param_diff, "replica": run.replica_diff}
+
+
+def get_mismatches(run: Run, ref: Run) -> list[str]:
+    """Each way `run` falls outside the tolerances; empty when it reproduces the reference."""
+    diffs = get_max_diffs(run, ref)
+    problems = [f"max {key} diff {diffs[key]:.3g} > {limit:g}" for key, limit in TOLERANCES.items() if not diffs[key] <= limit]
+    if len(run.losses) != STEPS:
+        problems.append(f"{len(run.losses)} logged steps, expected {STEPS}")
+    if run.params.keys() != ref.params.keys():
+        problems.append(f"parameter names differ: {sorted(run.params.keys() ^ ref.params.keys())}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("token_cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir) -> Run:
+    ref = run_layout(tmp_path_factory.mktemp("reference"), 1, [], cache_dir=cache_dir)
+    assert len(ref.losses) == STEPS and len(ref.params) == 4 * 9 + 3  # 9 per block; embedding, norm, output
+    return ref
+
+
+@pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k for k in LAYOUTS])
+def test_layout_matches_one_process(layout, reference, cache_dir, tmp_path):
+    nproc, overrides = LAYOUTS[layout]
+    run = run_layout(tmp_path, nproc, overrides, cache_dir=cache_dir)
+    diffs = get_max_diffs(run, reference)
+    print(f"{layout}: " + ", ".join(f"max {k} diff {v:.3g}" for k, v in diffs.items()))
+    assert not get_mismatches(run, reference), (
+        f"{layout}: {get_mismatches(run, reference)}\nlosses {run.losses}\nreference {reference.losses}")
+
+
+@pytest.mark.parametrize("layout", ["ddp2", "zero3_dp2"])
+def test_comparison_catches_missing_gradient_reduction(layout, reference, cache_dir, tmp_path):
+    """Each rank keeps its own gradients: the losses and parameters must leave the tolerances."""
+    nproc, overrides = LAYOUTS[layout]
+    run = run_layout(tmp_path, nproc, overrides, cache_dir=cache_dir, worker_flags=["--break=no_dp_grad_sync"])
+    diffs = get_max_diffs(run, reference)
+    print(f"{layout} without gradient reduction: " + ", ".join(f"max {k} diff {v:.3g}" for k, v in diffs.items()))
+    assert diffs["loss"] > LOSS_ATOL and diffs["param"] > PARAM_ATOL, diffs
+    assert get_mismatches(run, reference)
