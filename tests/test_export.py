@@ -18,12 +18,7 @@ BASE = ["recipe=debug", "log.every=1", "log.progress=lines", "run.device=cpu", "
         f"data.cache_dir={ROOT / '.cache' / 'ridgeline'}"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_checkpoint(model: Transformer, cfg, folder: Path) -> Path:

@@ -16,13 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 POS_ENCODINGS = ("rope", "alibi", "sinusoidal", "learned")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: extra intra-op threads only add overhead and contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> ModelConfig:
