@@ -29,6 +29,7 @@ AC_MODES = ("none", "full", "selective")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("disabled", "offline", "online")
+NONFINITE_POLICIES = ("skip", "stop")
 
 
 class ConfigError(ValueError):
@@ -117,6 +118,24 @@ class LogConfig:
     wandb_project: str = "ridgeline"
     progress: str = "auto"  # auto | bar | lines
     peak_tflops: float = 0.0  # 0: look the device up in the table
+    layer_stats: int = 0  # every N steps: per-block gradient/parameter/update/activation statistics; 0 = off
+
+
+@dataclass
+class ProfileConfig:
+    # Profiling starts after `start_step` steps (warm-up, compile) and covers `steps` steps.
+    start_step: int = 10
+    steps: int = 3
+    trace: bool = False  # torch.profiler chrome trace in <run.dir>/profile/
+    memory_snapshot: bool = False  # CUDA memory snapshot pickle in <run.dir>/profile/ (view at pytorch.org/memory_viz)
+    roofline: bool = False  # roofline report in <run.dir>/roofline/
+
+
+@dataclass
+class FaultConfig:
+    nonfinite: str = "skip"  # skip | stop: what a non-finite loss or gradient norm does
+    max_skips: int = 3  # skipped steps in a row before the run stops anyway
+    watchdog_s: float = 600.0  # a step (collectives included) longer than this ends the run; 0 = off
 
 
 @dataclass
@@ -130,6 +149,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +241,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
             if OmegaConf.select(merged, key, default=MISSING, throw_on_missing=False) is MISSING and "." in key:
                 parent = key.rsplit(".", 1)[0]
                 if OmegaConf.select(merged, parent, default=None) is None:
-                    raise ConfigError(f"{key}: unknown key; sections are {['recipe', 'run', *GROUPS]}")
+                    raise ConfigError(f"{key}: unknown key; sections are {['recipe', 'run', *GROUPS, 'profile', 'fault']}")
             merged.merge_with(OmegaConf.from_dotlist([item]))
         if not any(o.startswith("run.dir=") for o in value_overrides) and "dir" not in recipe.get("run", {}):
             merged.run.dir = f"runs/{Path(merged.recipe).stem}"
@@ -418,6 +439,12 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
     _positive("log.peak_tflops", log.peak_tflops, zero_ok=True)
     _choice("log.wandb", log.wandb, WANDB_MODES)
     _choice("log.progress", log.progress, ("auto", "bar", "lines"))
+    _positive("log.layer_stats", log.layer_stats, zero_ok=True)
+    _positive("profile.start_step", cfg.profile.start_step, zero_ok=True)
+    _positive("profile.steps", cfg.profile.steps)
+    _choice("fault.nonfinite", cfg.fault.nonfinite, NONFINITE_POLICIES)
+    _positive("fault.max_skips", cfg.fault.max_skips, zero_ok=True)
+    _positive("fault.watchdog_s", cfg.fault.watchdog_s, zero_ok=True)
     return degrees
 
 
