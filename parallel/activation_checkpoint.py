@@ -1,20 +1,17 @@
-"""Per-block activation checkpointing: none, full (recompute the whole block), or selective
-(an op-level policy that saves matmul and attention outputs and recomputes the cheap rest), on
+"""Per-block activation checkpointing: none, full (recompute the whole block), or selective (an
+op-level policy that saves attention and every other matmul output and recomputes the rest), on
 every `every`-th block. Must not hold compile or sharding.
 """
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-# Outputs worth keeping: expensive to recompute and, for matmuls, cheap to store relative to their FLOPs.
+MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._scaled_mm.default}
+# Always kept: attention is the costliest op to recompute per byte stored.
 SAVED_OPS = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten.addmm.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
@@ -23,8 +20,29 @@ SAVED_OPS = {
 }
 
 
-def _save_matmul_and_attention(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def get_selective_policy():
+    """Save attention and every other matmul (the 1st, 3rd, ...), recompute the rest.
+
+    With fused projections a block runs qkv, wo, gate/up, down: wo's and down's outputs are only
+    added to the residual stream, so recomputing them costs the least and frees their storage.
+    Forward and recompute count separately so both passes make the same choices.
+    """
+    matmuls = {False: 0, True: 0}
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in SAVED_OPS:
+            return CheckpointPolicy.MUST_SAVE
+        if op in MATMUL_OPS:
+            matmuls[ctx.is_recompute] += 1
+            if matmuls[ctx.is_recompute] % 2:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def get_selective_contexts():
+    return create_selective_checkpoint_contexts(get_selective_policy())
 
 
 def apply_ac(model: nn.Module, mode: str, every: int = 1) -> None:
@@ -38,6 +56,5 @@ def apply_ac(model: nn.Module, mode: str, every: int = 1) -> None:
         if mode == "full":
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
         else:
-            context_fn = partial(create_selective_checkpoint_contexts, _save_matmul_and_attention)
-            wrapped = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=context_fn)
+            wrapped = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=get_selective_contexts)
         model.layers[name] = wrapped

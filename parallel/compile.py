@@ -1,5 +1,6 @@
 """Per-block torch.compile: each transformer block compiled alone (fullgraph), in place, so
-parameter names do not change. Must not hold checkpointing or sharding.
+parameter names do not change; and the fused loss's per-chunk kernel. Must not hold checkpointing
+or sharding.
 """
 from __future__ import annotations
 
@@ -10,3 +11,5 @@ def apply_compile(model: nn.Module) -> None:
     # Blocks are identical, so one compiled graph is reused by all of them.
     for block in model.layers.values():
         block.compile(fullgraph=True)
+    if model.output is not None:
+        model.loss.compile_kernel()  # the fused loss's per-chunk softmax and gradient as one kernel

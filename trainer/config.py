@@ -86,6 +86,7 @@ class TrainConfig:
     ac_every: int = 1  # checkpoint every k-th block
     compile: bool = False
     attention_backend: str = "auto"
+    fused_loss: bool = True  # cross entropy fused with the output layer, in chunks; pp and tp use logits
 
 
 @dataclass
@@ -177,8 +178,9 @@ def _dotted_key(exc: OmegaConfBaseException) -> str:
     return str(key)
 
 
-def load_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Compose the config for `overrides` (hydra-style `key=value` strings) and validate it alone.
+def load_config(overrides: list[str] | tuple[str, ...] = (), *, world_size: int | None = None) -> Config:
+    """Compose the config for `overrides` (hydra-style `key=value` strings) and validate it alone
+    (for `world_size` processes; default WORLD_SIZE, as torchrun sets it).
 
     Order, later wins: configs/<group>/<choice>.yaml for each group, then the recipe's values,
     then the command line. Group choices come from the recipe's `defaults` and from CLI
@@ -250,7 +252,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe_omegaconf_error(exc)) from None
     cfg: Config = OmegaConf.to_object(merged)
-    validate(cfg)
+    validate(cfg, world_size)
     return cfg
 
 

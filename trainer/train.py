@@ -38,6 +38,15 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
+def get_model_loss(*, fused: bool, compiled: bool):
+    """(model, inputs, targets) -> mean loss: fused with the output layer inside the model, or from its logits."""
+    if fused:
+        return lambda model, inputs, targets: model(inputs, targets=targets)
+    # Compiled, the fp32 upcast fuses into the softmax instead of materialising fp32 logits.
+    criterion = torch.compile(cross_entropy_loss) if compiled else cross_entropy_loss
+    return lambda model, inputs, targets: criterion(model(inputs), targets)
+
+
 def get_compute_context(cfg: Config, device: torch.device, *, fsdp: bool):
     """A factory of the context forward and backward run in: mixed precision where FSDP does not
     carry it (one process, DDP, TP or PP without FSDP), and the attention backend asked for."""
@@ -71,7 +80,7 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
 
 
 def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, compute_context, device,
-               criterion=cross_entropy_loss) -> torch.Tensor:
+               model_loss=get_model_loss(fused=False, compiled=False)) -> torch.Tensor:
     """Forward/backward over this rank's batch in `accumulation` slices; returns the summed mean loss
     (on device; zero on pipeline ranks without the last stage)."""
     total = torch.zeros((), device=device)
@@ -90,7 +99,7 @@ def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, com
                 part.require_backward_grad_sync = last and pm.schedule is None
         with compute_context(), loss_context():
             if pm.schedule is None:
-                loss = criterion(pm.parts[0](inputs), targets) / accumulation
+                loss = model_loss(pm.parts[0], inputs, targets) / accumulation
                 loss.backward()
                 total += loss.detach()
             else:
@@ -103,14 +112,15 @@ def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, com
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor], *, compute_context, device, loss_parallel: bool) -> torch.Tensor:
+def evaluate(model, batches: list[torch.Tensor], *, compute_context, device, loss_parallel: bool,
+             model_loss=get_model_loss(fused=False, compiled=False)) -> torch.Tensor:
     """Mean loss over fixed validation batches (every data-parallel rank sees the same ones)."""
     model.eval()
     losses = []
     for batch in batches:
         batch = batch.to(device)
         with compute_context(), (loss_parallel_context() if loss_parallel else contextlib.nullcontext()):
-            losses.append(cross_entropy_loss(model(batch[:, :-1]), batch[:, 1:]))
+            losses.append(model_loss(model, batch[:, :-1], batch[:, 1:]))
     model.train()
     return torch.stack(losses).mean()
 
@@ -147,8 +157,12 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -
                                 zero1_mesh=mesh["dp_shard"] if cfg.parallel.zero == 1 and dp_size > 1 else None)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, t.steps)
     compute_context = get_compute_context(cfg, env.device, fsdp=pm.uses_fsdp)
-    # Compiled, the fp32 upcast fuses into the softmax instead of materialising fp32 logits.
-    criterion = torch.compile(cross_entropy_loss) if t.compile and not pm.loss_parallel else cross_entropy_loss
+    # The fused loss needs the whole output layer and the targets in one forward: not under a pipeline
+    # schedule (its loss_fn takes logits) nor tensor parallelism (vocab-sharded logits, loss_parallel).
+    fused_loss = t.fused_loss and pm.schedule is None and not pm.loss_parallel
+    if t.fused_loss and not fused_loss:
+        pm.notes.append("train.fused_loss ignored: pipeline and tensor-parallel layouts compute the loss from logits")
+    model_loss = get_model_loss(fused=fused_loss, compiled=t.compile and not pm.loss_parallel)
     stream = SampleStream(data.train, seed=t.seed)
     val = val_batches(data, t.micro_batch_size, t.val_batches) if t.val_batches and degrees["pp"] == 1 else []
     tokens_per_step = t.global_batch_size * t.seq_len
@@ -169,7 +183,7 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -
     while step < t.steps:
         batch = stream.next_batch(t.global_batch_size, dp_rank, dp_size)
         loss = train_step(pm, batch, accumulation=accumulation, compute_context=compute_context, device=env.device,
-                          criterion=criterion)
+                          model_loss=model_loss)
         grad_norm = clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"), mesh["pp"] if mesh is not None else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -198,7 +212,8 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -
             logger.log(step, t.steps, last)
             loss_sum, last_log_time, last_log_step = None, time.perf_counter(), step
         if val and (step % t.val_every == 0 or step == t.steps):
-            val_loss = evaluate(pm.parts[0], val, compute_context=compute_context, device=env.device, loss_parallel=pm.loss_parallel)
+            val_loss = evaluate(pm.parts[0], val, compute_context=compute_context, device=env.device, loss_parallel=pm.loss_parallel,
+                                model_loss=model_loss)
             last["val_loss"] = get_global_mean(val_loss, env.world_size, holders=env.world_size)
             logger.info(f"step {step}/{t.steps} | val loss {last['val_loss']:.4f}")
             logger.log(step, t.steps, {"val_loss": last["val_loss"]}, show=False)
