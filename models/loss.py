@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Logits elements per chunk: 2**28 (1 GiB in fp32) keeps the transient small next to the model's activations.
-CHUNK_ELEMENTS = 2**28
+# Logits elements per chunk: 2**29 (1 GiB in bf16) keeps the transient small next to the model's activations.
+CHUNK_ELEMENTS = 2**29
 
 
 def get_logits_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,5 +69,6 @@ class LinearCrossEntropy(nn.Module):
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hidden, targets = hidden.flatten(0, -2), targets.flatten()
-        chunk_tokens = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        # A power of two: matmul-friendly, and equal chunks for power-of-two token counts (one compiled shape).
+        chunk_tokens = 2 ** max(0, (CHUNK_ELEMENTS // weight.shape[0]).bit_length() - 1)
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, self.logits_grad)

@@ -10,6 +10,7 @@ such switch. Must not hold comparisons: the test does those.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -44,6 +45,25 @@ def break_dp_grad_sync() -> None:
     DistributedDataParallel.require_backward_grad_sync = property(lambda self: False, lambda self, value: None)
 
 
+def record_linear_dtypes(seen: set[str]) -> None:
+    """Patch the train loop's model builder to hook every block linear, collecting the dtype each one
+    computed in (under the layout's own mixed precision: autocast or FSDP's MixedPrecisionPolicy).
+    Fused projections skip their linears' hooks; wo and w2 always run as modules."""
+    import trainer.train as train_module
+
+    build = train_module.build_parallel_model
+
+    def build_and_hook(*args, **kwargs):
+        pm = build(*args, **kwargs)
+        for model in pm.models:
+            for name, module in model.named_modules():
+                if name.startswith("layers.") and isinstance(module, torch.nn.Linear):
+                    module.register_forward_hook(lambda m, a, out: seen.add(str(out.dtype).removeprefix("torch.")))
+        return pm
+
+    train_module.build_parallel_model = build_and_hook
+
+
 def save_full_params(pm, out_dir: Path, rank: int) -> int:
     """All of this rank's stages, gathered whole (FSDP and TP shards joined); names as in the one-process model."""
     # cpu_offload=False: with it, only global rank 0 keeps the gathered values, and pp ranks hold other stages.
@@ -75,8 +95,11 @@ def main(argv: list[str]) -> int:
     init_process_group(env, cfg.parallel.backend)
     torch.manual_seed(cfg.train.seed)
     try:
+        dtypes: set[str] = set()
+        record_linear_dtypes(dtypes)
         _, pm = train_loop(cfg, env, degrees, run_dir, data)
         count = save_full_params(pm, out_dir, env.rank)
+        (out_dir / f"dtypes_rank{env.rank}.json").write_text(json.dumps(sorted(dtypes)))
         print(f"rank {env.rank}: wrote {count} full parameters", flush=True)
     finally:
         destroy_process_group()

@@ -61,6 +61,24 @@ LAYOUTS = {
     "tp2_sp_pp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2"]),
 }
 SLOW = {"dp2_tp2_pp2"}
+# Activation checkpointing changes what is stored, never the result: same fp32 tolerances.
+AC_LAYOUTS = {
+    "zero3_dp2_selective_ac": (2, ["parallel.dp_shard=2", "parallel.zero=3", "train.activation_checkpointing=selective"]),
+    "tp2_pp2_full_ac_every2": (4, ["parallel.tp=2", "parallel.pp=2", "train.activation_checkpointing=full",
+                                   "train.ac_every=2"]),
+}
+# bf16 compute (fp32 master weights, fp32 gradient reduction) in each kind of layout, against the one-process
+# bf16 run: the mechanism differs (FSDP's MixedPrecisionPolicy vs autocast), so rounding does too.
+BF16_LAYOUTS = {
+    "ddp2": (2, ["parallel.dp_replicate=2", "parallel.zero=0"]),
+    "zero3_dp2": (2, ["parallel.dp_shard=2", "parallel.zero=3"]),
+    "tp2": (2, ["parallel.tp=2"]),
+    "pp2_1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+}
+# Measured worst: FSDP's bf16 parameter casts (vs autocast's per-op casts) move the loss by 1.1e-3, the
+# gradient norm by 4.7e-3 and, through AdamW's normalisation of tiny gradients, some weights by 7e-3 (two
+# lr-sized steps). A missing gradient reduction moves the loss by 2e-2 (asserted below).
+BF16_TOLERANCES = {"loss": 5e-3, "grad_norm": 2e-2, "param": 2.5e-2, "replica": PARAM_ATOL}
 
 
 @dataclass
@@ -69,6 +87,7 @@ class Run:
     grad_norms: list[float]
     params: dict[str, torch.Tensor]  # merged over ranks: every stage, unsharded
     replica_diff: float  # largest disagreement between ranks holding the same parameter
+    dtypes: set[str]  # the dtypes the block linears computed in, over all ranks
 
 
 def run_layout(out_dir: Path, nproc: int, overrides: list[str], *, cache_dir: Path, worker_flags=()) -> Run:
@@ -95,12 +114,13 @@ def load_run(out_dir: Path) -> Run:
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
     params, replica_diff = {}, 0.0
+    dtypes = {d for path in out_dir.glob("dtypes_rank*.json") for d in json.loads(path.read_text())}
     for path in sorted(out_dir.glob("params_rank*.safetensors")):
         for name, value in load_file(str(path)).items():
             if name in params:
                 replica_diff = max(replica_diff, (params[name] - value).abs().max().item())
             params[name] = value
-    return Run([r["loss"] for r in records], [r["grad_norm"] for r in records], params, replica_diff)
+    return Run([r["loss"] for r in records], [r["grad_norm"] for r in records], params, replica_diff, dtypes)
 
 
 def get_max_diffs(run: Run, ref: Run) -> dict[str, float]:
@@ -116,10 +136,10 @@ def get_max_diffs(run: Run, ref: Run) -> dict[str, float]:
             "param": param_diff, "replica": run.replica_diff}
 
 
-def get_mismatches(run: Run, ref: Run) -> list[str]:
+def get_mismatches(run: Run, ref: Run, tolerances: dict[str, float] = TOLERANCES) -> list[str]:
     """Each way `run` falls outside the tolerances; empty when it reproduces the reference."""
     diffs = get_max_diffs(run, ref)
-    problems = [f"max {key} diff {diffs[key]:.3g} > {limit:g}" for key, limit in TOLERANCES.items() if not diffs[key] <= limit]
+    problems = [f"max {key} diff {diffs[key]:.3g} > {limit:g}" for key, limit in tolerances.items() if not diffs[key] <= limit]
     if len(run.losses) != STEPS:
         problems.append(f"{len(run.losses)} logged steps, expected {STEPS}")
     if run.params.keys() != ref.params.keys():
@@ -136,6 +156,14 @@ def cache_dir(tmp_path_factory) -> Path:
 def reference(tmp_path_factory, cache_dir) -> Run:
     ref = run_layout(tmp_path_factory.mktemp("reference"), 1, [], cache_dir=cache_dir)
     assert len(ref.losses) == STEPS and len(ref.params) == 4 * 9 + 3  # 9 per block; embedding, norm, output
+    assert ref.dtypes == {"float32"}
+    return ref
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(tmp_path_factory, cache_dir) -> Run:
+    ref = run_layout(tmp_path_factory.mktemp("bf16_reference"), 1, ["train.precision=bf16"], cache_dir=cache_dir)
+    assert ref.dtypes == {"bfloat16"}
     return ref
 
 
@@ -147,6 +175,34 @@ def test_layout_matches_one_process(layout, reference, cache_dir, tmp_path):
     print(f"{layout}: " + ", ".join(f"max {k} diff {v:.3g}" for k, v in diffs.items()))
     assert not get_mismatches(run, reference), (
         f"{layout}: {get_mismatches(run, reference)}\nlosses {run.losses}\nreference {reference.losses}")
+
+
+@pytest.mark.parametrize("layout", list(AC_LAYOUTS))
+def test_activation_checkpointing_matches_one_process(layout, reference, cache_dir, tmp_path):
+    nproc, overrides = AC_LAYOUTS[layout]
+    run = run_layout(tmp_path, nproc, overrides, cache_dir=cache_dir)
+    print(f"{layout}: " + ", ".join(f"max {k} diff {v:.3g}" for k, v in get_max_diffs(run, reference).items()))
+    assert not get_mismatches(run, reference), f"{layout}: {get_mismatches(run, reference)}"
+
+
+@pytest.mark.parametrize("layout", list(BF16_LAYOUTS))
+def test_bf16_layout_computes_in_bf16_and_matches_one_process(layout, bf16_reference, reference, cache_dir, tmp_path):
+    nproc, overrides = BF16_LAYOUTS[layout]
+    run = run_layout(tmp_path, nproc, [*overrides, "train.precision=bf16"], cache_dir=cache_dir)
+    diffs = get_max_diffs(run, bf16_reference)
+    print(f"bf16 {layout}: " + ", ".join(f"max {k} diff {v:.3g}" for k, v in diffs.items())
+          + f" | vs fp32 reference: max loss diff {get_max_diffs(run, reference)['loss']:.3g}")
+    assert run.dtypes == {"bfloat16"}, f"{layout}: block linears computed in {run.dtypes}"
+    assert not get_mismatches(run, bf16_reference, BF16_TOLERANCES), f"bf16 {layout}: {get_mismatches(run, bf16_reference, BF16_TOLERANCES)}"
+
+
+def test_bf16_comparison_catches_missing_gradient_reduction(bf16_reference, cache_dir, tmp_path):
+    nproc, overrides = BF16_LAYOUTS["zero3_dp2"]
+    run = run_layout(tmp_path, nproc, [*overrides, "train.precision=bf16"], cache_dir=cache_dir,
+                     worker_flags=["--break=no_dp_grad_sync"])
+    diffs = get_max_diffs(run, bf16_reference)
+    print("bf16 zero3_dp2 without gradient reduction: " + ", ".join(f"max {k} diff {v:.3g}" for k, v in diffs.items()))
+    assert diffs["loss"] > BF16_TOLERANCES["loss"], diffs
 
 
 @pytest.mark.parametrize("layout", ["ddp2", "zero3_dp2"])

@@ -16,15 +16,20 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_context
+from torch.profiler import record_function
 
 from models import count_params, flops_per_token
 from parallel import ParallelModel, build_mesh, build_parallel_model, clip_grad_norm_, get_dp_rank_and_size
-from trainer.checkpoint import Checkpointer, find_load_source
+from parallel.plan import PlannerCheck
+from trainer.checkpoint import Checkpointer, find_load_source, get_checkpoint_dir
 from trainer.config import Config, ConfigError, get_microbatches, to_yaml, validate
 from trainer.data import SampleStream, build_data, val_batches
 from trainer.env import destroy_process_group, get_env, get_memory_gb, get_peak_tflops, init_process_group
+from trainer.faults import FaultHandlers, FaultInjector, NonfiniteGuard
+from trainer.layer_stats import build_layer_stats
 from trainer.metrics import MetricsLogger, format_duration
 from trainer.optim import build_lr_scheduler, build_optimizer
+from trainer.profiling import Profiler
 
 
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -75,7 +80,6 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
             probe.unlink()
         except OSError as exc:
             raise ConfigError(f"run.dir={cfg.run.dir!r}: not writable ({exc.strerror})")
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return run_dir
 
 
@@ -130,17 +134,22 @@ def train(cfg: Config) -> dict:
     degrees = validate(cfg, env.world_size)
     run_dir = prepare_run_dir(cfg, env.is_main)
     data = build_data(cfg, run_dir if env.is_main else None, log=print if env.is_main else lambda *_: None)
-    init_process_group(env, cfg.parallel.backend)
+    # Collectives time out after the step watchdog has had its say (fault.watchdog_s names the rank and step).
+    init_process_group(env, cfg.parallel.backend, timeout_s=max(600.0, 2 * cfg.fault.watchdog_s))
     torch.manual_seed(cfg.train.seed)
     try:
-        return train_loop(cfg, env, degrees, run_dir, data)[0]
+        with FaultHandlers(cfg.fault, env) as faults:
+            return train_loop(cfg, env, degrees, run_dir, data, faults=faults)[0]
     finally:
         destroy_process_group()
 
 
-def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -> tuple[dict, ParallelModel]:
+def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
+               faults: FaultHandlers | None = None) -> tuple[dict, ParallelModel]:
     """Build, then train for train.steps; returns the last logged metrics and the trained model."""
     t = cfg.train
+    faults = faults or FaultHandlers(cfg.fault, env, install=False)
+    injector = FaultInjector(cfg.fault, env, cfg.model)  # test hooks; checks fault.inject_module first
     source = find_load_source(cfg.checkpoint, run_dir)  # a resumed run appends to its metrics.jsonl
     logger = MetricsLogger(run_dir, enabled=env.is_main, progress=cfg.log.progress, wandb_mode=cfg.log.wandb,
                            wandb_project=cfg.log.wandb_project, resume=source.resumes)
@@ -152,6 +161,7 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -
     # Each pipeline microbatch's share of the step's mean loss (the schedule does not rescale gradients).
     loss_fn = lambda logits, targets: cross_entropy_loss(logits, targets) / (accumulation * pp_microbatches)  # noqa: E731
     pm = build_parallel_model(cfg, degrees, mesh, env.device, loss_fn=loss_fn, microbatches=pp_microbatches)
+    injector.attach(pm.models)
     params = pm.parameters()
     optimizer = build_optimizer(pm.parts, cfg.optim, env.device,
                                 zero1_mesh=mesh["dp_shard"] if cfg.parallel.zero == 1 and dp_size > 1 else None)
@@ -174,31 +184,65 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -
                 f" | {env.world_size} x {env.device.type}, {t.precision} | run dir {run_dir}")
     for note in pm.notes:
         logger.info(note)
+    planner = PlannerCheck(cfg, degrees, env.device, log=logger.info)  # predicted memory and step time, logged
 
     checkpointer = Checkpointer(cfg, run_dir, pm=pm, optimizer=optimizer, scheduler=scheduler, stream=stream,
                                 env=env, degrees=degrees, logger=logger)
+    checkpointer.before_commit = injector.before_commit
+
+    def rerun(bad_step: int, position: int) -> list[int]:  # a stopped step again, same batch and weights
+        injector.begin_step(bad_step)
+        batch = SampleStream(data.train, seed=t.seed, position=position).next_batch(t.global_batch_size, dp_rank, dp_size)
+        train_step(pm, batch, accumulation=accumulation, compute_context=compute_context, device=env.device,
+                   model_loss=model_loss)
+        return stream.sample_indices(position, t.global_batch_size)
+
+    guard = NonfiniteGuard(cfg.fault, optimizer, env=env, run_dir=run_dir, model_cfg=cfg.model, models=pm.models,
+                           rerun=rerun, log=logger.info)
     step = checkpointer.load(source)
+    if env.is_main:  # only now: a run that fails on its inputs leaves an existing run dir as it was
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     loss_sum, last_log_time, last_log_step = None, time.perf_counter(), step
     start_time, last = last_log_time, {}
+    profiler = Profiler(cfg, env, run_dir, logger=logger, models=pm.models)  # profile.*: nothing when off
+    layer_stats = build_layer_stats(cfg, pm.models, degrees, env.world_size, logger)  # log.layer_stats
     while step < t.steps:
-        batch = stream.next_batch(t.global_batch_size, dp_rank, dp_size)
-        loss = train_step(pm, batch, accumulation=accumulation, compute_context=compute_context, device=env.device,
-                          model_loss=model_loss)
+        profiler.step(step)
+        layer_stats.begin(step + 1)
+        faults.step_started(step + 1)
+        injector.begin_step(step + 1)
+        position = stream.position
+        with record_function("next_batch"):  # named ranges for the profiler; ~free when it is off
+            batch = stream.next_batch(t.global_batch_size, dp_rank, dp_size)
+        with record_function("train_step"):
+            loss = train_step(pm, batch, accumulation=accumulation, compute_context=compute_context, device=env.device,
+                              model_loss=model_loss)
+        layer_stats.after_backward()
         grad_norm = clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"), mesh["pp"] if mesh is not None else None)
-        optimizer.step()
+        if guard.allows_update(step + 1, grad_norm, position):
+            with record_function("optimizer.step"):
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        layer_stats.finish()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
+        loss = guard.masked(loss)
         loss_sum = loss if loss_sum is None else loss_sum + loss
+        injector.end_step(step)
 
         if step % cfg.log.every == 0 or step == t.steps:
-            # The only host syncs of the loop: reading the loss and norm at a log step.
-            elapsed = time.perf_counter() - last_log_time
+            # The only host syncs of the loop: reading the loss, norm and non-finite flags at a log step.
+            guard.check()
             steps_done = step - last_log_step
+            trained = steps_done - guard.take_skipped()  # the mean covers the steps that were not skipped
+            mean_loss = get_global_mean(loss_sum / trained, env.world_size, holders=env.world_size // degrees["pp"])
+            # Timed after the sync and back to back (logging included), so the rate is what the device did.
+            now = time.perf_counter()
+            elapsed, last_log_time = now - last_log_time, now
             tokens_per_s = steps_done * tokens_per_step / elapsed
             last = {
-                "loss": get_global_mean(loss_sum / steps_done, env.world_size, holders=env.world_size // degrees["pp"]),
+                "loss": mean_loss,
                 "lr": lr,
                 "grad_norm": grad_norm.item(),
                 "tokens_per_s": tokens_per_s,
@@ -207,18 +251,35 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data) -
                 "mem_gb": get_memory_gb(env.device),
                 "eta_s": (t.steps - step) * elapsed / steps_done,
             }
-            if not math.isfinite(last["loss"]):
+            if steps_done > trained:
+                last["skipped_steps"] = steps_done - trained
+            if trained and not math.isfinite(last["loss"]):
                 raise FloatingPointError(f"loss is {last['loss']} at step {step}")
             logger.log(step, t.steps, last)
-            loss_sum, last_log_time, last_log_step = None, time.perf_counter(), step
+            planner.maybe_log(step, t.steps, last)
+            loss_sum, last_log_step = None, step
         if val and (step % t.val_every == 0 or step == t.steps):
             val_loss = evaluate(pm.parts[0], val, compute_context=compute_context, device=env.device, loss_parallel=pm.loss_parallel,
                                 model_loss=model_loss)
             last["val_loss"] = get_global_mean(val_loss, env.world_size, holders=env.world_size)
             logger.info(f"step {step}/{t.steps} | val loss {last['val_loss']:.4f}")
             logger.log(step, t.steps, {"val_loss": last["val_loss"]}, show=False)
+        preempted = faults.agree_on_signal()  # one tiny host collective per step (trainer/faults.py)
+        faults.step_finished()
+        if preempted or checkpointer.is_due(step):
+            guard.check()  # a non-finite state is never saved
         checkpointer.maybe_save(step)
+        if preempted:
+            if checkpointer.saving and not checkpointer.is_due(step):
+                checkpointer.save(step)
+            checkpointer.close()
+            saved = f"checkpoint saved to {get_checkpoint_dir(run_dir, step)}" if checkpointer.saving else \
+                "checkpoint.enabled=false, nothing saved"
+            logger.info(f"preempted by {preempted} at step {step}: {saved}, exiting")
+            logger.close()
+            return last, pm
 
+    profiler.close(step)
     checkpointer.close()
     total_time = time.perf_counter() - start_time
     logger.info(f"done: {t.steps} steps in {format_duration(total_time)}, final loss {last.get('loss', float('nan')):.4f}"
