@@ -58,3 +58,20 @@ def apply_ac(model: nn.Module, mode: str, every: int = 1) -> None:
         else:
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=get_selective_contexts)
         model.layers[name] = wrapped
+
+
+def get_recompute_flops_per_token(model_cfg, seq_len: int, mode: str, every: int = 1) -> float:
+    """FLOPs per token that checkpointing adds by recomputing forward work (for hardware FLOPs utilisation).
+
+    full: the whole forward of each checkpointed block (its matmuls, 2 x weights, and attention's
+    QK^T and AV, 4 d seq). selective: the matmuls it does not save, every other one; with fused
+    projections those are wo and the down projection (2 x (d^2 + d ffn)), attention is kept.
+    """
+    if mode == "none":
+        return 0.0
+    d, kv, ffn = model_cfg.dim, model_cfg.num_kv_heads * model_cfg.head_dim, model_cfg.ffn_dim
+    checkpointed = len(range(0, model_cfg.num_layers, every))
+    if mode == "full":
+        block_weights = 2 * d * d + 2 * d * kv + 3 * d * ffn
+        return checkpointed * (2 * block_weights + 4 * d * seq_len)
+    return checkpointed * 2 * (d * d + d * ffn)

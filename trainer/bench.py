@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from models import flops_per_token
+from parallel.activation_checkpoint import get_recompute_flops_per_token
 from trainer.config import Config, ConfigError, load_config
 from trainer.env import get_env, get_peak_tflops
 
@@ -32,6 +33,9 @@ def summarize(cfg: Config, records: list[dict], warmup: int) -> dict:
     per_device = tokens_per_s / env.world_size
     peak = get_peak_tflops(env.device, cfg.log.peak_tflops)
     flops = flops_per_token(cfg.model, cfg.train.seq_len)
+    # Hardware FLOPs count what checkpointing recomputes too; MFU does not (the same work, done once).
+    hardware_flops = flops + get_recompute_flops_per_token(cfg.model, cfg.train.seq_len,
+                                                           cfg.train.activation_checkpointing, cfg.train.ac_every)
     return {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
@@ -42,6 +46,7 @@ def summarize(cfg: Config, records: list[dict], warmup: int) -> dict:
         "compile": cfg.train.compile,
         "activation_checkpointing": cfg.train.activation_checkpointing,
         "attention_backend": cfg.train.attention_backend,
+        "fused_loss": cfg.train.fused_loss,
         "batch": cfg.train.global_batch_size,
         "seq_len": cfg.train.seq_len,
         "steps": f"{warmup + 1}-{end['step']}",
@@ -49,6 +54,7 @@ def summarize(cfg: Config, records: list[dict], warmup: int) -> dict:
         "tokens_per_s_per_device": round(per_device),
         "flops_per_token": flops,
         "mfu": round(per_device * flops / (peak * 1e12), 4) if peak else None,
+        "hfu": round(per_device * hardware_flops / (peak * 1e12), 4) if peak else None,
         "peak_mem_gb": round(end["mem_gb"], 1),
         "final_loss": round(end["loss"], 4),
     }

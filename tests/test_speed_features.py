@@ -1,0 +1,225 @@
+"""What the speed features promise, checked on CPU: the fused output-layer loss and fused projections equal
+the plain computation, fp8 conversion picks the right modules, activation checkpointing wraps the right
+blocks and keeps numerics, a compiled block matches eager, and the MFU/HFU arithmetic on known shapes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models.loss
+from models import ModelConfig, Transformer, flops_per_token
+from parallel.activation_checkpoint import apply_ac, get_recompute_flops_per_token, get_selective_policy
+from torch.utils.checkpoint import CheckpointPolicy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(vocab_size=96, dim=32, num_layers=4, num_heads=4, num_kv_heads=2, ffn_dim=64, max_seq_len=32)
+    return ModelConfig(**{**base, **overrides})
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    model = Transformer(cfg)
+    model.init_weights(seed)
+    return model
+
+
+def batch(cfg: ModelConfig, size: int = 3, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, cfg.vocab_size, (size, seq + 1), generator=torch.Generator().manual_seed(1))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def loss_and_grads(model: nn.Module, inputs, targets, *, fused_loss: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    if fused_loss:
+        loss = model(inputs, targets=targets)
+    else:
+        loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten())
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def set_fused_projections(model: nn.Module, fused: bool) -> None:
+    for module in model.modules():
+        if hasattr(module, "fuse_projections"):
+            module.fuse_projections = fused
+
+
+@pytest.mark.parametrize("chunk_elements", [96 * 4, 96 * 5, 2**29])  # chunks of 4 tokens, of 4 (uneven end), one
+def test_fused_loss_equals_cross_entropy_of_logits(monkeypatch, chunk_elements):
+    monkeypatch.setattr(models.loss, "CHUNK_ELEMENTS", chunk_elements)
+    cfg = tiny()
+    model = build(cfg)
+    inputs, targets = batch(cfg, seq=15)  # 45 tokens: the last chunk is partial
+    fused_loss, fused_grads = loss_and_grads(model, inputs, targets, fused_loss=True)
+    plain_loss, plain_grads = loss_and_grads(model, inputs, targets, fused_loss=False)
+    assert abs(fused_loss - plain_loss) < 1e-6
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fused_loss_under_autocast_computes_in_bf16_and_returns_fp32_grads():
+    cfg = tiny()
+    model = build(cfg)
+    inputs, targets = batch(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(inputs, targets=targets)
+    loss.backward()
+    reference = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    assert loss.dtype == torch.float32 and abs(loss.item() - reference.item()) < 2e-2
+    assert model.output.weight.grad.dtype == torch.float32
+
+
+def test_fused_loss_scales_with_upstream_gradient():
+    cfg = tiny()
+    model = build(cfg)
+    inputs, targets = batch(cfg)
+    _, grads = loss_and_grads(model, inputs, targets, fused_loss=True)
+    model.zero_grad()
+    (model(inputs, targets=targets) * 3.0).backward()
+    torch.testing.assert_close(model.output.weight.grad, 3.0 * grads["output.weight"])
+
+
+def test_fused_projections_equal_separate_linears():
+    cfg = tiny()
+    model = build(cfg)
+    inputs, targets = batch(cfg)
+    fused = loss_and_grads(model, inputs, targets, fused_loss=False)
+    set_fused_projections(model, False)
+    separate = loss_and_grads(model, inputs, targets, fused_loss=False)
+    assert abs(fused[0] - separate[0]) < 1e-6
+    for name, grad in separate[1].items():
+        torch.testing.assert_close(fused[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8: which modules torchao converts (on meta: no fp8 kernels needed to check the selection).
+
+
+def test_fp8_converts_large_block_linears_only():
+    from parallel.float8 import apply_float8
+
+    cfg = tiny(vocab_size=2048, dim=1024, num_layers=2, num_heads=8, num_kv_heads=2, ffn_dim=2048)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    converted = apply_float8(model, recipe="tensorwise", fsdp=False)
+    expected = [f"layers.{i}.{name}" for i in range(2)
+                for name in ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")]
+    assert sorted(converted) == sorted(expected)  # wk/wv (256 wide) and the output layer stay bf16
+    from torchao.float8.float8_linear import Float8Linear
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            assert isinstance(module, Float8Linear) == (name in expected), name
+    # A fused projection would read the weights directly and bypass the float8 forward.
+    assert not any(getattr(m, "fuse_projections", False) for m in model.modules())
+
+
+def test_fp8_leaves_small_models_alone():
+    from parallel.float8 import apply_float8
+
+    with torch.device("meta"):
+        model = Transformer(tiny())
+    assert apply_float8(model, recipe="rowwise", fsdp=False) == []
+    assert all(m.fuse_projections for m in model.modules() if hasattr(m, "fuse_projections"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation checkpointing
+
+
+@pytest.mark.parametrize("mode,every,wrapped", [("full", 1, ["0", "1", "2", "3"]), ("selective", 2, ["0", "2"]),
+                                               ("none", 1, [])])
+def test_ac_wraps_every_kth_block_and_keeps_numerics(mode, every, wrapped):
+    cfg = tiny()
+    reference = build(cfg)
+    model = copy.deepcopy(reference)
+    apply_ac(model, mode, every)
+    is_wrapped = [name for name, block in model.layers.items() if type(block).__name__ == "CheckpointWrapper"]
+    assert is_wrapped == wrapped
+    inputs, targets = batch(cfg)
+    expected = loss_and_grads(reference, inputs, targets, fused_loss=True)
+    got = loss_and_grads(model, inputs, targets, fused_loss=True)
+    assert got[0] == expected[0]
+    clean = {name.replace("._checkpoint_wrapped_module", ""): g for name, g in got[1].items()}
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(clean[name], grad, atol=0, rtol=0, msg=name)
+
+
+class FakeContext:
+    def __init__(self, is_recompute: bool):
+        self.is_recompute = is_recompute
+
+
+def test_selective_policy_saves_attention_and_every_other_matmul():
+    policy = get_selective_policy()
+    aten = torch.ops.aten
+    ops = [aten.mm.default, aten._scaled_dot_product_flash_attention_for_cpu.default, aten.mm.default,
+           aten.mm.default, aten.silu.default, aten.mm.default]
+    save = CheckpointPolicy.MUST_SAVE
+    forward = [policy(FakeContext(False), op) == save for op in ops]
+    assert forward == [True, True, False, True, False, False]
+    recompute = [policy(FakeContext(True), op) == save for op in ops]
+    assert recompute == forward  # counted apart, so the recompute pass makes the same choices
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile
+
+
+def test_compiled_block_matches_eager():
+    torch._dynamo.reset()
+    cfg = tiny(num_layers=1)
+    model = build(cfg)
+    inputs, targets = batch(cfg)
+    expected = loss_and_grads(model, inputs, targets, fused_loss=True)
+    compiled = copy.deepcopy(model)
+    from parallel.compile import apply_compile
+
+    apply_compile(compiled)
+    got = loss_and_grads(compiled, inputs, targets, fused_loss=True)
+    assert abs(got[0] - expected[0]) < 1e-5
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounting
+
+
+LLAMA_1B = ModelConfig(vocab_size=100352, dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, ffn_dim=8192,
+                       rope_theta=500000.0)
+
+
+def test_mfu_arithmetic_on_the_reference_shape():
+    from trainer.bench import summarize
+    from trainer.config import load_config
+
+    assert flops_per_token(LLAMA_1B, 2048) == 7_877_308_416  # the reference's 7.877e9
+    cfg = load_config(["recipe=bench_1b", "run.device=cpu", "log.peak_tflops=989"])
+    tokens_per_step = 8 * 2048
+    # 40 steps in 10 s: 65,536 tokens/s; MFU = 65,536 x 7.877e9 / 989e12 = 52.2 %.
+    records = [{"step": 20, "loss": 1.0, "time_s": 5.0, "mem_gb": 1.0}, {"step": 60, "loss": 1.0, "time_s": 15.0, "mem_gb": 2.0}]
+    result = summarize(cfg, records, warmup=20)
+    assert result["tokens_per_s"] == 40 * tokens_per_step // 10
+    assert result["mfu"] == round(65_536 * 7_877_308_416 / 989e12, 4) == 0.522
+    assert result["hfu"] == result["mfu"]  # no recomputation
+
+
+def test_hfu_counts_recomputation():
+    seq = 2048
+    full = get_recompute_flops_per_token(LLAMA_1B, seq, "full")
+    selective = get_recompute_flops_per_token(LLAMA_1B, seq, "selective")
+    model_flops = flops_per_token(LLAMA_1B, seq)
+    # Full recomputation repeats the blocks' forward: a third of their training FLOPs (norm weights aside).
+    output_layer = 6 * LLAMA_1B.vocab_size * LLAMA_1B.dim
+    norms = 6 * LLAMA_1B.dim * (2 * LLAMA_1B.num_layers + 1)
+    assert full == (model_flops - output_layer - norms) / 3
+    assert 0 < selective < full / 2
+    assert get_recompute_flops_per_token(LLAMA_1B, seq, "full", every=2) == full / 2
+    assert get_recompute_flops_per_token(LLAMA_1B, seq, "none") == 0
