@@ -1,0 +1,330 @@
+"""Layout sweeps: run one recipe under several layouts and tabulate what each measured.
+
+    python -m trainer.sweep recipe=debug nproc=2 steps=8 out=runs/sweep layouts="pp=1,tp=2;pp=2,tp=1"
+    python -m trainer.sweep recipe=debug nproc=2 -m parallel.tp=1,2 parallel.dp_shard=2,1
+    python -m trainer.sweep recipe=bench_1b nproc=8 top=4 gpu=H100 [dry_run=true]
+
+Points come from an explicit `layouts` list (";" between points, "," between keys; a bare key means
+parallel.KEY, and `nproc` may vary per point), from a hydra-multirun-like cartesian product (`-m`, then
+`key=a,b,...`), or from the planner's top K layouts that fit (`parallel.plan.plan_layouts`). Every other
+`key=value` is an override for all points. Each point is validated for its process count first (a rejected
+point is recorded with the validator's message and not run), priced by the planner when there is one
+(`predict_layout` for its layout; gpu= or the local CUDA device), then runs as
+`torchrun --standalone --nproc_per_node=N -m trainer.bench ...` in its own run dir under `out`; a failure is
+recorded with its error line and the sweep goes on. Results go to out/results.json and out/results.csv,
+rewritten after every point, with the planner's predictions beside the measurements when it has them.
+Must not hold a training loop or a performance model: trainer/bench.py measures, parallel/plan.py predicts.
+"""
+from __future__ import annotations
+
+import csv
+import importlib
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from trainer.config import Config, ConfigError, load_config, validate
+
+SWEEP_KEYS = ("recipe", "nproc", "steps", "warmup", "out", "layouts", "top", "gpu", "timeout", "dry_run")
+PREDICTION_KEYS = ("fits", "pred_mem_gb", "pred_step_s", "pred_tokens_per_s")
+MEASURED_KEYS = ("tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb", "final_loss")
+CSV_COLUMNS = ("index", "layout", "nproc", "status", "tokens_per_s", "tokens_per_s_per_device", "mfu",
+               "peak_mem_gb", "final_loss", "step_s", "pred_tokens_per_s", "pred_step_s", "pred_mem_gb", "fits",
+               "wall_s", "run_dir", "error")
+# The neutral layout the planner's input config is loaded with when the recipe's own layout does not fit nproc.
+NEUTRAL_LAYOUT = ["parallel.pp=1", "parallel.tp=1", "parallel.dp_replicate=1", "parallel.dp_shard=-1", "parallel.zero=3"]
+
+
+def _qualify(key: str) -> str:
+    return key if "." in key or key == "nproc" else f"parallel.{key}"
+
+
+def parse_layouts(text: str) -> list[list[str]]:
+    """"pp=1,tp=2;pp=2,tp=1" -> [["parallel.pp=1", "parallel.tp=2"], ["parallel.pp=2", "parallel.tp=1"]]."""
+    points = []
+    for chunk in text.split(";"):
+        items = [item.strip() for item in chunk.split(",") if item.strip()]
+        for item in items:
+            if "=" not in item:
+                raise ConfigError(f"layouts: {item!r} is not key=value (points are 'pp=2,tp=1;...')")
+        points.append([_qualify(k) + "=" + v for k, v in (item.split("=", 1) for item in items)])
+    return [p for p in points if p]
+
+
+def expand_multirun(items: list[str]) -> list[list[str]]:
+    """Cartesian product of every `key=a,b,...` (hydra multirun order: the last key varies fastest)."""
+    axes = []
+    for item in items:
+        key, value = item.split("=", 1)
+        axes.append([f"{key}={v}" for v in value.split(",")])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def get_label(point: list[str]) -> str:
+    return ",".join(item.removeprefix("parallel.") for item in point) or "recipe"
+
+
+def matches(cfg: Config, overrides: list[str]) -> bool:
+    """Whether `cfg` already has every value in `overrides` (how a point finds its planner prediction)."""
+    tree = OmegaConf.structured(cfg)
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key != "nproc" and OmegaConf.select(tree, key, default=None) != OmegaConf.select(OmegaConf.from_dotlist([item]), key):
+            return False
+    return True
+
+
+def get_plans(cfg: Config, world_size: int, gpu: str | None) -> list[dict] | None:
+    """The planner's ranked layouts, or None (with one line said) when it is missing or fails."""
+    try:
+        from parallel.plan import plan_layouts
+    except ImportError as exc:
+        print(f"sweep: no planner ({exc}); no predicted figures")
+        return None
+    try:
+        return plan_layouts(cfg, world_size=world_size, gpu=gpu)
+    except Exception as exc:  # a planner bug must not stop measurements
+        print(f"sweep: planner failed ({type(exc).__name__}: {' '.join(str(exc).split())}); no predicted figures")
+        return None
+
+
+class Predictor:
+    """The planner's figures for the layout a point's config has: parallel.plan.predict_layout where the
+    planner has it, else the first of plan_layouts' entries whose overrides the config already matches."""
+
+    def __init__(self, base: list[str], gpu: str):
+        self.base, self.gpu, self.ranked, self.failed = base, gpu, {}, False
+
+    def __call__(self, cfg: Config, world_size: int) -> dict | None:
+        if self.failed:
+            return None
+        try:
+            plan = importlib.import_module("parallel.plan")
+        except ImportError as exc:
+            return self._give_up(f"no planner ({exc})")
+        try:
+            if hasattr(plan, "predict_layout"):
+                return plan.predict_layout(cfg, validate(cfg, world_size), gpu=self.gpu)
+            if world_size not in self.ranked:
+                self.ranked[world_size] = plan.plan_layouts(load_for_planner(self.base, world_size), world_size=world_size, gpu=self.gpu)
+            return next((p for p in self.ranked[world_size] if matches(cfg, list(p["overrides"]))), None)
+        except Exception as exc:  # a planner bug must not stop measurements
+            return self._give_up(f"planner failed ({type(exc).__name__}: {' '.join(str(exc).split())})")
+
+    def _give_up(self, why: str) -> None:
+        print(f"sweep: {why}; no predicted figures")
+        self.failed = True
+        return None
+
+
+def load_for_planner(base: list[str], world_size: int) -> Config:
+    try:
+        return load_config(base, world_size=world_size)
+    except ConfigError:
+        return load_config(base + NEUTRAL_LAYOUT, world_size=world_size)
+
+
+def get_error_line(text: str) -> str:
+    """The most telling line of a failed run's output: our one-line `error:`, else the first exception line
+    (the root cause comes before the other ranks' follow-on errors and torchrun's summary), else the last line."""
+    lines = [re.sub(r"^\[(default)?rank\d+\]:\s*", "", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    for pattern in (r"^error: ", r"^[\w.]*(Error|Exception|Interrupt)\b:?"):
+        found = [line for line in lines if re.search(pattern, line) and "ChildFailedError" not in line]
+        if found:
+            return found[0][:500]
+    return lines[-1][:500] if lines else "no output"
+
+
+def run_point(command: list[str], run_dir: Path, timeout_s: float) -> tuple[int, str]:
+    """Run one point in its own session (so a timeout ends the whole torchrun tree); return (rc, output)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "sweep.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            log.write(f"\nerror: timed out after {timeout_s:g} s\n")
+            rc = 124
+    return rc, log_path.read_text(errors="replace")
+
+
+def write_results(out: Path, header: dict, points: list[dict]) -> None:
+    (out / "results.json").write_text(json.dumps({**header, "points": points}, indent=1) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for point in points:
+            writer.writerow({k: ("" if point.get(k) is None else point.get(k)) for k in CSV_COLUMNS})
+
+
+def _int(key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r}: must be an integer") from None
+    if number < 1:
+        raise ConfigError(f"{key}={number}: must be >= 1")
+    return number
+
+
+def parse_args(argv: list[str]) -> tuple[dict, list[str], list[str]]:
+    """(sweep settings, overrides for every point, multirun axes)."""
+    settings, base, axes, multirun = {}, [], [], False
+    for item in argv:
+        if item in ("-m", "--multirun"):
+            multirun = True
+            continue
+        if "=" not in item:
+            raise ConfigError(f"{item!r}: arguments take the form key=value (or -m before key=a,b lists)")
+        key, value = item.split("=", 1)
+        if key in SWEEP_KEYS:
+            settings[key] = value
+        elif multirun and "," in value and not value.startswith(("[", "{")):
+            axes.append(item)
+        elif "," in value and not value.startswith(("[", "{")):
+            raise ConfigError(f"{item!r}: a list of values sweeps only after -m (hydra multirun syntax)")
+        else:
+            base.append(item)
+    chosen = [k for k in ("layouts", "top") if k in settings] + (["-m"] if axes else [])
+    if len(chosen) > 1:
+        raise ConfigError(f"choose one source of points, not {chosen}")
+    return settings, base, axes
+
+
+def get_points(settings: dict, axes: list[str], base: list[str], nproc: int, gpu: str | None) -> list[tuple]:
+    """(overrides, label or None, planner entry or None) for each point, from the one source chosen."""
+    if "top" in settings:
+        top = _int("top", settings["top"])
+        if gpu is None:
+            raise ConfigError("top=K needs gpu=NAME (the planner's device; no CUDA device here)")
+        plans = get_plans(load_for_planner(base, nproc), nproc, gpu)
+        if plans is None:
+            raise ConfigError("top=K needs parallel.plan.plan_layouts, which is missing or failed (see above)")
+        fitting = [p for p in plans if p.get("fits", True)]
+        print(f"sweep: planner ranked {len(plans)} layouts for {nproc} x {gpu}, {len(fitting)} fit; "
+              f"running the top {min(top, len(fitting))}")
+        # The planner's short description names the point, where it gives one.
+        return [(list(p["overrides"]), p.get("layout"), p) for p in fitting[:top]]
+    if "layouts" in settings:
+        points = parse_layouts(settings["layouts"])
+    elif axes:
+        points = expand_multirun(axes)
+    else:
+        points = [[]]
+    return [(point, None, None) for point in points]
+
+
+def run_bench(cfg: Config, command: list[str], run_dir: Path, timeout_s: float, result: dict) -> None:
+    """Run one point's trainer.bench and fill `result` with its figures or its error line."""
+    start = time.perf_counter()
+    bench_file = run_dir / "bench.jsonl"
+    bench_file.unlink(missing_ok=True)  # a rerun into the same dir must not read the last sweep's figures
+    rc, output = run_point(command, run_dir, timeout_s)
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    records = [json.loads(line) for line in bench_file.read_text().splitlines()] if bench_file.is_file() else []
+    if rc == 0 and records:
+        result["status"] = "ok"
+        for key in MEASURED_KEYS:
+            result[key] = records[-1].get(key)
+        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        result["step_s"] = round(tokens_per_step / result["tokens_per_s"], 6) if result["tokens_per_s"] else None
+        print(f"    ok: {result['tokens_per_s']:,} tokens/s, peak {result['peak_mem_gb']} GiB, loss {result['final_loss']}")
+    else:
+        result["status"] = "failed"
+        result["error"] = f"exit {rc}: {get_error_line(output)}" if rc else "no bench.jsonl written"
+        print(f"    failed: {result['error']} (log: {run_dir / 'sweep.log'})")
+
+
+def sweep(argv: list[str]) -> list[dict]:
+    settings, base, axes = parse_args(argv)
+    nproc = _int("nproc", settings.get("nproc", "1"))
+    steps = _int("steps", settings.get("steps", "60"))
+    warmup = int(settings.get("warmup", 20 if steps > 20 else steps // 2))
+    if not 0 < warmup < steps:
+        raise ConfigError(f"warmup={warmup}: must be in [1, steps={steps}) (bench measures the steps after it)")
+    timeout_s = float(settings.get("timeout", "1800"))
+    recipe = settings.get("recipe", "default")
+    out = Path(settings.get("out", f"runs/sweep_{Path(recipe).stem}"))
+    gpu = settings.get("gpu")
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    dry_run = settings.get("dry_run", "false").lower() in ("1", "true", "yes")
+    # Fixed for every point: log steps at warmup and at the end (bench reads them), no checkpoints unless asked.
+    fixed = [f"train.steps={steps}"]
+    if not any(o.startswith("log.every=") for o in base):
+        fixed.append(f"log.every={math.gcd(warmup, steps)}")
+    if not any(o.startswith("checkpoint.enabled=") for o in base):
+        fixed.append("checkpoint.enabled=false")
+    base = [f"recipe={recipe}", *base, *fixed, "log.progress=lines"]
+    points = get_points(settings, axes, base, nproc, gpu)
+    if not points:
+        raise ConfigError("no points to run")
+    predictor = Predictor(base, gpu) if gpu is not None else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    header = {"recipe": recipe, "nproc": nproc, "steps": steps, "warmup": warmup, "gpu": gpu, "overrides": base}
+    results = []
+    for index, (point, label, prediction) in enumerate(points):
+        point_nproc = next((_int("nproc", v) for k, v in (i.split("=", 1) for i in point) if k == "nproc"), nproc)
+        overrides = [item for item in point if not item.startswith("nproc=")]
+        label = label or get_label(point)
+        processes = f"{point_nproc} process" + ("es" if point_nproc > 1 else "")
+        run_dir = out / f"{index:02d}_{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')[:60]}"
+        result = {"index": index, "layout": label, "overrides": overrides, "nproc": point_nproc,
+                  "run_dir": str(run_dir), "status": "rejected", "error": None}
+        results.append(result)
+        try:
+            cfg = load_config(base + overrides + [f"run.dir={run_dir}"], world_size=point_nproc)
+        except ConfigError as exc:
+            result["error"] = str(exc)
+            print(f"[{index + 1}/{len(points)}] {label}: rejected: {exc}")
+            write_results(out, header, results)
+            continue
+        if prediction is None and predictor is not None:
+            prediction = predictor(cfg, point_nproc)
+        for key in PREDICTION_KEYS:
+            result[key] = prediction.get(key) if prediction else None
+        if dry_run:
+            result["status"] = "planned"
+            print(f"[{index + 1}/{len(points)}] {label}: valid ({processes})")
+        else:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={point_nproc}",
+                       "-m", "trainer.bench", f"warmup={warmup}", *base, *overrides, f"run.dir={run_dir}"]
+            print(f"[{index + 1}/{len(points)}] {label}: running ({processes}) in {run_dir}", flush=True)
+            run_bench(cfg, command, run_dir, timeout_s, result)
+        write_results(out, header, results)
+    counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "failed", "rejected", "planned")}
+    print(f"sweep: {', '.join(f'{n} {s}' for s, n in counts.items() if n)} -> {out / 'results.csv'}, {out / 'results.json'}")
+    return results
+
+
+def main(argv: list[str]) -> int:
+    try:
+        sweep(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
