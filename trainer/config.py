@@ -30,6 +30,7 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("disabled", "offline", "online")
 NONFINITE_POLICIES = ("skip", "stop")
+FAULT_INJECTIONS = ("", "nan", "kill", "kill_in_save", "hang")
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,7 @@ class TrainConfig:
     compile: bool = False
     attention_backend: str = "auto"
     fused_loss: bool = True  # cross entropy fused with the output layer, in chunks; pp and tp use logits
+    fused_projections: bool = True  # q/k/v and gate/up as one matmul each; off under tp and fp8
 
 
 @dataclass
@@ -130,6 +132,7 @@ class ProfileConfig:
     trace: bool = False  # torch.profiler chrome trace in <run.dir>/profile/
     memory_snapshot: bool = False  # CUDA memory snapshot pickle in <run.dir>/profile/ (view at pytorch.org/memory_viz)
     roofline: bool = False  # roofline report in <run.dir>/roofline/
+    roofs_cache: str = ""  # JSON of measured roofs per device; "" = <data.cache_dir>/roofs.json
 
 
 @dataclass
@@ -137,6 +140,12 @@ class FaultConfig:
     nonfinite: str = "skip"  # skip | stop: what a non-finite loss or gradient norm does
     max_skips: int = 3  # skipped steps in a row before the run stops anyway
     watchdog_s: float = 600.0  # a step (collectives included) longer than this ends the run; 0 = off
+    # Test hooks, off by default: make a fault happen so that tests can watch it being handled (trainer/faults.py).
+    inject: str = ""  # "" | nan | kill | kill_in_save | hang
+    inject_step: int = 0  # the step (from 1) it happens at
+    inject_rank: int = -1  # the rank it happens on; -1: every rank
+    inject_module: str = ""  # nan: the module whose forward output turns NaN, e.g. layers.1.feed_forward.w2
+    inject_repeat: int = 1  # nan: for this many steps in a row
 
 
 @dataclass
@@ -444,9 +453,20 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
     _positive("log.layer_stats", log.layer_stats, zero_ok=True)
     _positive("profile.start_step", cfg.profile.start_step, zero_ok=True)
     _positive("profile.steps", cfg.profile.steps)
+    window_end = cfg.profile.start_step + cfg.profile.steps
+    if (cfg.profile.trace or cfg.profile.memory_snapshot or cfg.profile.roofline) and window_end > t.steps:
+        raise ConfigError(f"profile.start_step + profile.steps = {window_end}: beyond train.steps={t.steps}, the profiling window would not finish")
     _choice("fault.nonfinite", cfg.fault.nonfinite, NONFINITE_POLICIES)
     _positive("fault.max_skips", cfg.fault.max_skips, zero_ok=True)
     _positive("fault.watchdog_s", cfg.fault.watchdog_s, zero_ok=True)
+    _choice("fault.inject", cfg.fault.inject, FAULT_INJECTIONS)
+    if cfg.fault.inject:
+        _positive("fault.inject_step", cfg.fault.inject_step)
+        _positive("fault.inject_repeat", cfg.fault.inject_repeat)
+        if not -1 <= cfg.fault.inject_rank < world_size:
+            raise ConfigError(f"fault.inject_rank={cfg.fault.inject_rank}: must be -1 (every rank) or below WORLD_SIZE={world_size}")
+        if cfg.fault.inject == "nan" and not cfg.fault.inject_module:
+            raise ConfigError("fault.inject='nan': needs fault.inject_module (e.g. layers.0.feed_forward.w2)")
     return degrees
 
 

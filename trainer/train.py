@@ -24,7 +24,8 @@ from parallel.plan import PlannerCheck
 from trainer.checkpoint import Checkpointer, find_load_source, get_checkpoint_dir
 from trainer.config import Config, ConfigError, get_microbatches, to_yaml, validate
 from trainer.data import SampleStream, build_data, val_batches
-from trainer.env import destroy_process_group, get_env, get_memory_gb, get_peak_tflops, init_process_group
+from trainer.env import (configure_cuda_allocator, destroy_process_group, get_env, get_memory_gb, get_peak_tflops,
+                         init_process_group)
 from trainer.faults import FaultHandlers, FaultInjector, NonfiniteGuard
 from trainer.layer_stats import build_layer_stats
 from trainer.metrics import MetricsLogger, format_duration
@@ -132,6 +133,7 @@ def evaluate(model, batches: list[torch.Tensor], *, compute_context, device, los
 def train(cfg: Config) -> dict:
     env = get_env(cfg.run.device)
     degrees = validate(cfg, env.world_size)
+    configure_cuda_allocator(env)
     run_dir = prepare_run_dir(cfg, env.is_main)
     data = build_data(cfg, run_dir if env.is_main else None, log=print if env.is_main else lambda *_: None)
     # Collectives time out after the step watchdog has had its say (fault.watchdog_s names the rank and step).

@@ -1,0 +1,407 @@
+"""The planner's cost model: per-rank peak memory and step time of one layout, from the config alone.
+
+Holds the GPU table, the byte accounting (parameters, gradients and AdamW state per ZeRO stage,
+activations per layer by checkpointing mode, the loss) and the time terms (compute, TP, DP and PP
+communication, pipeline bubble, optimizer). docs/planner.md derives every term. Pure arithmetic on
+the config: must not build models, touch devices or start process groups (parallel/plan.py
+enumerates and ranks layouts; this file only prices one).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from models import count_params, flops_per_token
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Datasheet figures (dense, no sparsity) of one accelerator in its usual 8-per-node server."""
+
+    name: str
+    bf16_tflops: float
+    fp8_tflops: float | None
+    fp32_tflops: float  # plain fp32 (the trainer's fp32 runs do not enable TF32)
+    hbm_gib: float  # what the CUDA driver reports as total, not the marketing GB
+    hbm_tbps: float  # memory bandwidth, TB/s
+    intra_gbps: float  # NVLink per GPU, one direction, GB/s
+    inter_gbps: float  # network per GPU (one NIC each), one direction, GB/s
+    mfu: float  # default share of the bf16 peak on the model's FLOPs (compiled blocks, large micro-batch)
+    mem_overhead_gb: float = 1.0  # default: allocator pools, NCCL/cuBLAS workspaces, small tensors
+    size_half: float = 2**19  # tokens x dim/tp of a micro-batch at which matmuls run at half their saturated rate
+
+
+# Sources in docs/planner.md. The H200 here measured ~790 TFLOP/s on a bf16 matmul; the table keeps the
+# datasheet 989, which is also what trainer/env.py divides by for MFU, so calibrated MFUs carry over.
+GPUS = {
+    "h100": GPU("H100 SXM 80GB", 989.0, 1979.0, 67.0, 79.1, 3.35, 450.0, 50.0, 0.55),
+    "h200": GPU("H200 SXM 141GB", 989.0, 1979.0, 67.0, 139.7, 4.8, 450.0, 50.0, 0.55),
+    "a100": GPU("A100 SXM 80GB", 312.0, None, 19.5, 79.1, 2.04, 300.0, 25.0, 0.50),
+    "b200": GPU("B200 180GB", 2250.0, 4500.0, 75.0, 178.4, 8.0, 900.0, 50.0, 0.50),
+    # A nominal host for CPU runs (gloo over shared memory): placeholders to calibrate, not measurements.
+    # Memory there is the process's peak RSS, which includes the Python and torch libraries.
+    "cpu": GPU("CPU (nominal)", 0.2, None, 0.2, 64.0, 0.05, 5.0, 1.25, 0.30, mem_overhead_gb=0.35, size_half=2**10),
+}
+
+# Defaults of the calibratable knobs (a calibration dict overrides any of them).
+DEFAULT_DP_OVERLAP = 0.8  # share of compute time behind which DP/FSDP collectives can hide
+ALLOCATOR_SLACK = 0.03  # reserved over allocated: the caching allocator's rounding and fragmentation
+COMM_EFFICIENCY = 0.8  # achieved bus bandwidth over link bandwidth (nccl-tests: ~360 of 450 GB/s NVLink)
+EAGER_EFFICIENCY = 0.80  # eager over compiled blocks: 54,705 / 68,196 tokens/s, bench_1b on the H200
+FP8_EFFICIENCY = 0.6  # fp8 linears' share of fp8 peak relative to bf16's share of bf16 peak (H200: 78k vs 68k tok/s)
+LAUNCH_S = 5e-6  # per-kernel host overhead: the floor of a tiny layer's time
+KERNELS_PER_LAYER = {True: 30, False: 90}  # forward + backward kernels of one block, compiled / eager
+OPTIMIZER_BYTES = 32  # fused AdamW reads param, grad, m, v and writes param, m, v (fp32), plus the clip's read
+CHUNK_ELEMENTS = 2**28  # models/loss.py's logits elements per chunk
+
+
+def get_gpu_key(name: str) -> str:
+    """The table key of a key or device name ('h100', 'NVIDIA H100 80GB HBM3', 'H200'); KeyError if none."""
+    lowered = name.lower()
+    if lowered in GPUS:
+        return lowered
+    for key in GPUS:
+        if key != "cpu" and key in lowered:
+            return key
+    raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run the recipe: mesh degrees and the knobs the planner varies."""
+
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    zero: int
+    pp_schedule: str
+    virtual_stages: int
+    microbatches: int  # pipeline microbatches per accumulation slice (1 without pp)
+    micro_batch_size: int
+    ac: str
+    sequence_parallel: bool
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+
+class ModelShape:
+    """What the cost model reads from a config, computed once per plan."""
+
+    def __init__(self, cfg):
+        m, t = cfg.model, cfg.train
+        self.dim, self.layers, self.heads, self.kv_heads = m.dim, m.num_layers, m.num_heads, m.num_kv_heads
+        self.kv_dim, self.ffn, self.vocab = m.num_kv_heads * m.head_dim, m.ffn_dim, m.vocab_size
+        self.seq, self.batch = t.seq_len, t.global_batch_size
+        self.precision, self.compile = t.precision, t.compile
+        self.fused_loss = getattr(t, "fused_loss", False)
+        self.ac_every = t.ac_every
+        d, kv, f = self.dim, self.kv_dim, self.ffn
+        self.qkv_params, self.wo_params, self.w13_params, self.w2_params = d * (d + 2 * kv), d * d, 2 * d * f, d * f
+        self.matmul_params = self.qkv_params + self.wo_params + self.w13_params + self.w2_params
+        self.layer_params = self.matmul_params + 2 * d  # + the two norms
+        self.embedding_params = m.vocab_size * d + (m.max_seq_len * d if m.pos_encoding == "learned" else 0)
+        self.output_params = 0 if m.tie_embeddings else m.vocab_size * d
+        assert self.layers * self.layer_params + d + self.embedding_params + self.output_params == count_params(m)
+        self.layer_flops = 6 * self.layer_params + 12 * d * self.seq  # per token, as models.flops_per_token
+        self.head_flops = 6 * (d + m.vocab_size * d)  # final norm and output layer
+        self.flops_per_token = flops_per_token(m, self.seq)
+        assert math.isclose(self.layers * self.layer_flops + self.head_flops, self.flops_per_token)
+        self.compute_bytes = 4 if self.precision == "fp32" else 2
+
+
+def get_stage_layer_counts(num_layers: int, num_stages: int) -> list[int]:
+    """Layers per stage as parallel/pipeline.py splits them: contiguous, earlier stages take the remainder."""
+    base, extra = divmod(num_layers, num_stages)
+    return [base + (1 if s < extra else 0) for s in range(num_stages)]
+
+
+def get_rank_stages(rank: int, layout: Layout) -> list[int]:
+    if layout.pp_schedule == "zbv":
+        return [rank, 2 * layout.pp - 1 - rank]
+    return [rank + k * layout.pp for k in range(layout.virtual_stages)]
+
+
+def get_bubble(schedule: str, pp: int, microbatches: int, virtual_stages: int) -> tuple[float, float]:
+    """(bubble as the issue states it, pipeline time over ideal compute time).
+
+    GPipe/1F1B: (p-1)/(m+p-1), the idle share of the step, so time = ideal x (m+p-1)/m. Interleaved:
+    (p-1)/(v m), bubble time over ideal compute (Narayanan et al. 2021), so time = ideal x (1 + (p-1)/(v m)).
+    The zero-bubble schedules are priced as interleaved 1F1B: an upper bound.
+    """
+    if pp == 1:
+        return 0.0, 1.0
+    if schedule in ("gpipe", "1f1b"):
+        return (pp - 1) / (microbatches + pp - 1), (microbatches + pp - 1) / microbatches
+    ratio = (pp - 1) / (virtual_stages * microbatches)
+    return ratio, 1.0 + ratio
+
+
+def get_in_flight(layout: Layout, rank: int) -> int:
+    """Microbatch-chunks whose activations a pp rank holds at once (torch.distributed.pipelining's warm-up)."""
+    p, m, v = layout.pp, layout.microbatches, layout.virtual_stages
+    if p == 1:
+        return 1
+    if layout.pp_schedule == "gpipe":
+        return m * v
+    if layout.pp_schedule == "1f1b":
+        return min(m, p - rank)
+    return min((v - 1) * min(p, m) + 2 * (p - 1 - rank) + 1, m * v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: bytes per token per layer, read off models/llama.py's Block (see docs/planner.md).
+
+
+def get_layer_activation_bytes(shape: ModelShape, layout: Layout, *, residual_bytes: int, fused: bool,
+                               eager: bool) -> float:
+    """Saved for backward by one block without checkpointing, per token of a micro-batch, on one tp rank."""
+    d, kv, f, a, r, tp = shape.dim, shape.kv_dim, shape.ffn, shape.compute_bytes, residual_bytes, layout.tp
+    seq_split = tp if layout.sequence_parallel else 1
+    # RMSNorm (composite): input and normalised input per norm; compiled, only the input (the rest fuses).
+    norms = (4 if eager else 2) * r * d / seq_split
+    # The q/k/v and gate/up inputs, in the compute dtype; under TP the all-gathered full input is saved. Eager
+    # autocast casts once per unfused linear (3 + 2 copies) when the residual stream is fp32.
+    copies = 5 if eager and not fused and r != a else 2
+    matmul_inputs = copies * a * d
+    # SDPA keeps q, k and v (GQA: repeated to all heads), out and the logsumexp. MHA's v is a view of the
+    # fused q/k/v output, so that whole buffer stays.
+    v_bytes = a * d if shape.heads != shape.kv_heads else a * (d + 2 * kv if fused else d)
+    attention = (3 * a * d + v_bytes + 4 * shape.heads) / tp
+    # SwiGLU: gate, up, silu(gate) and their product; compiled, silu is recomputed.
+    ffn = (4 if eager else 3) * a * f / tp
+    return norms + matmul_inputs + attention + ffn
+
+
+def get_selective_bytes(shape: ModelShape, layout: Layout, *, residual_bytes: int, fused: bool) -> tuple[float, int]:
+    """(bytes per token per layer, recomputed matmul params) under parallel/activation_checkpoint.py's
+    selective policy: the block input, SDPA's outputs, and the 1st, 3rd, ... matmul outputs."""
+    d, kv, f, a, tp = shape.dim, shape.kv_dim, shape.ffn, shape.compute_bytes, layout.tp
+    # (output bytes per token, weight params) of each matmul in the order the block runs them.
+    if fused:
+        matmuls = [(a * (d + 2 * kv) / tp, shape.qkv_params), (a * d, shape.wo_params),
+                   (2 * a * f / tp, shape.w13_params), (a * d, shape.w2_params)]
+    else:
+        matmuls = [(a * d / tp, d * d), (a * kv / tp, d * kv), (a * kv / tp, d * kv), (a * d, shape.wo_params),
+                   (a * f / tp, d * f), (a * f / tp, d * f), (a * d, shape.w2_params)]
+    saved = sum(out for i, (out, _) in enumerate(matmuls) if i % 2 == 0)
+    recomputed = sum(params for i, (_, params) in enumerate(matmuls) if i % 2 == 1)
+    block_input = residual_bytes * d / (tp if layout.sequence_parallel else 1)
+    return block_input + saved + (a * d + 4 * shape.heads) / tp, recomputed
+
+
+def get_weight_copy_bytes(shape: ModelShape, layout: Layout, *, autocast: bool, fused: bool) -> float:
+    """Per layer, held from forward to backward in eager mode: fused projections concatenate the q/k/v and
+    gate/up weights (in the compute dtype); autocast caches bf16 copies of the other weights. Compiled
+    graphs recompute both from the parameters."""
+    if shape.compile:
+        return 0.0
+    a = shape.compute_bytes
+    concatenated = shape.qkv_params + shape.w13_params if fused else 0
+    cached = (shape.matmul_params - concatenated) if autocast else 0
+    return a * (concatenated + cached) / layout.tp
+
+
+# ---------------------------------------------------------------------------------------------
+# One layout: memory of its fullest ranks, time of its slowest.
+
+
+def get_model_state_bytes(params: float, layout: Layout) -> dict[str, float]:
+    """Parameters, gradients and AdamW state of a rank holding `params` parameters, per ZeRO stage.
+
+    The trainer keeps fp32 parameters and gradients (bf16 is compute only), so against the ZeRO paper's
+    2 + 2 + 12 bytes: zero 0 (DDP) 4 + 4 + 8; zero 1 (ZeroRedundancyOptimizer over dp_shard) 4 + 4 + 8/N;
+    zero 2 and 3 (FSDP2 over dp_shard, reduce in fp32) (4 + 4 + 8)/N, plus the gathered compute-dtype copies
+    that predict() counts separately. Without data parallelism nothing is sharded.
+    """
+    shard = layout.dp_shard if layout.dp > 1 else 1
+    if layout.zero in (2, 3):
+        return {"params": 4 * params / shard, "grads": 4 * params / shard, "optim": 8 * params / shard}
+    return {"params": 4 * params, "grads": 4 * params, "optim": 8 * params / (shard if layout.zero == 1 else 1)}
+
+
+@dataclass
+class Knobs:
+    mfu: float
+    mem_overhead_gb: float = 1.0
+    dp_overlap: float = DEFAULT_DP_OVERLAP
+
+
+def get_knobs(gpu: GPU, calibration: dict | None) -> Knobs:
+    calibration = calibration or {}
+    unknown = set(calibration) - {"mfu", "mem_overhead_gb", "dp_overlap"}
+    if unknown:
+        raise ValueError(f"calibration: unknown keys {sorted(unknown)}; known: mfu, mem_overhead_gb, dp_overlap")
+    return Knobs(mfu=float(calibration.get("mfu", gpu.mfu)),
+                 mem_overhead_gb=float(calibration.get("mem_overhead_gb", gpu.mem_overhead_gb)),
+                 dp_overlap=float(calibration.get("dp_overlap", DEFAULT_DP_OVERLAP)))
+
+
+def get_axis_bandwidth(gpu: GPU, stride: int, degree: int, gpus_per_node: int) -> tuple[float, str]:
+    """Bytes/s of a collective along a mesh axis: NVLink when the group fits in a node, else the network."""
+    if stride * degree <= gpus_per_node:
+        return gpu.intra_gbps * 1e9 * COMM_EFFICIENCY, "intra"
+    return gpu.inter_gbps * 1e9 * COMM_EFFICIENCY, "inter"
+
+
+def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_per_node: int) -> dict:
+    """Peak memory (GiB) over the first and last pipeline ranks and the step time (s) of the slowest."""
+    L, p, tp = layout, layout.pp, layout.tp
+    dp, shard = L.dp, L.dp_shard
+    mode = "none" if dp == 1 else ("ddp" if L.zero in (0, 1) else "fsdp")
+    autocast = shape.precision != "fp32" and mode != "fsdp"
+    residual = 4 if shape.precision == "fp32" or autocast else 2
+    fused = tp == 1 and shape.precision != "fp8"  # parallel/ unfuses under TP and fp8
+    eager = not shape.compile
+    a, c = shape.compute_bytes, shape.compute_bytes  # activation bytes; FSDP's unsharded param bytes
+    rows = shape.batch // dp
+    accumulation = rows // (L.micro_batch_size * L.microbatches)
+    tokens = L.micro_batch_size * shape.seq  # per micro-batch
+    num_stages = p * L.virtual_stages
+    stage_layers = get_stage_layer_counts(shape.layers, num_stages)
+    layer_param = shape.matmul_params / tp + 2 * shape.dim
+    full_layer = get_layer_activation_bytes(shape, L, residual_bytes=residual, fused=fused, eager=eager)
+    ac_share = 1.0 / shape.ac_every if L.ac != "none" else 0.0
+    if L.ac == "full":
+        kept, recompute_params = residual * shape.dim / (tp if L.sequence_parallel else 1), shape.matmul_params
+    elif L.ac == "selective":
+        kept, recompute_params = get_selective_bytes(shape, L, residual_bytes=residual, fused=fused)
+    else:
+        kept, recompute_params = full_layer, 0
+    per_layer = ac_share * kept + (1 - ac_share) * full_layer
+    loss_parallel, pipelined = tp > 1, p > 1
+    fused_loss = shape.fused_loss and not pipelined and not loss_parallel
+
+    worst_mem, worst_time = None, None
+    for rank in sorted({0, p - 1}):
+        stages = get_rank_stages(rank, L)
+        layers = sum(stage_layers[s] for s in stages)
+        first, last = 0 in stages, num_stages - 1 in stages
+        root = (shape.embedding_params / tp if first else 0) + ((shape.output_params / tp + shape.dim) if last else 0)
+        params = layers * layer_param + root
+
+        states = get_model_state_bytes(params, L)
+        mem = {"params": states["params"], "grads": 0.0, "optim": states["optim"]}
+        grads_full = states["grads"]
+        if mode == "ddp":
+            mem["ddp_buckets"] = 4 * params  # DDP's flat gradient buckets (gradient_as_bucket_view off)
+        elif mode == "fsdp":
+            if L.zero == 2 or pipelined:  # gathered from forward to backward (pipelining keeps them to the end)
+                mem["unsharded_params"] = c * params
+            else:
+                mem["unsharded_params"] = c * (min(2, layers) * layer_param + root)  # this block + the prefetched one
+            if accumulation > 1 or pipelined:  # no-sync backward accumulates unsharded grads in the fp32 reduce dtype
+                mem["unsharded_grads"] = 4 * params
+            mem["reduce_buffers"] = (c + 4 if c != 4 else 4) * layer_param
+        if (accumulation > 1 or pipelined) and mode != "fsdp":
+            mem["grads"] = grads_full  # earlier slices' gradients are present during the next forward
+        mem["weight_copies"] = layers * get_weight_copy_bytes(shape, L, autocast=autocast, fused=fused)
+
+        # Activations: in-flight microbatches x this rank's layers (chunks share layers evenly) x per-layer bytes.
+        in_flight = get_in_flight(L, rank)
+        act_layers = layers * in_flight / (L.virtual_stages if L.virtual_stages > 1 else 1)
+        mem["activations"] = act_layers * tokens * per_layer
+        if L.ac != "none":
+            mem["recompute"] = tokens * full_layer  # one block's activations while it is recomputed
+        if last:
+            head = (a * shape.dim + (2 if eager else 1) * residual * shape.dim) * tokens
+            if fused_loss:
+                chunk = min(CHUNK_ELEMENTS, tokens * shape.vocab)
+                loss = a * shape.dim * tokens + 4 * shape.vocab * shape.dim + (16 if eager else 4) * chunk
+            elif shape.compile and not loss_parallel and not pipelined:
+                loss = 2 * a * shape.vocab * tokens  # compiled cross entropy keeps the bf16 logits; their grad
+            else:
+                # Eager: log_softmax's fp32 output is saved; backward adds two fp32 temporaries.
+                held = (L.microbatches if L.pp_schedule == "gpipe" and pipelined else 1)
+                loss = (4 * held + 8) * shape.vocab / tp * tokens
+            mem["loss"] = head + loss
+        # Peak: with activations at the start of backward, or at its end with every gradient made.
+        transient = ("activations", "recompute", "loss", "reduce_buffers")
+        fwd_bwd = sum(mem.values())
+        end_bwd = sum(v for k, v in mem.items() if k not in transient) - mem["grads"] + grads_full
+        total = max(fwd_bwd, end_bwd) * (1 + ALLOCATOR_SLACK) + knobs.mem_overhead_gb * GIB
+        if worst_mem is None or total > worst_mem[0]:
+            worst_mem = (total, mem, "backward start" if fwd_bwd >= end_bwd else "backward end", rank)
+
+        # Time: compute at a calibrated share of peak, exposed communication, bubble, optimizer.
+        slices = accumulation * L.microbatches  # micro-batches this rank runs per step
+        layer_flops = shape.layer_flops + (2 * shape.layer_params + 4 * shape.dim * shape.seq
+                                           if L.ac == "full" else 2 * recompute_params) * ac_share
+        flops = slices * tokens * (layers * layer_flops + (shape.head_flops if last else 0)) / tp
+        size = tokens * shape.dim / tp
+        efficiency = knobs.mfu * (EAGER_EFFICIENCY if eager else 1.0) * size / (size + gpu.size_half)
+        if shape.precision == "fp8" and gpu.fp8_tflops:
+            fp8_flops = slices * tokens * layers * 6 * shape.matmul_params / tp
+            t_compute = ((flops - fp8_flops) / (gpu.bf16_tflops * 1e12 * efficiency)
+                         + fp8_flops / (gpu.fp8_tflops * 1e12 * efficiency * FP8_EFFICIENCY))
+        else:
+            peak = gpu.fp32_tflops if shape.precision == "fp32" else gpu.bf16_tflops
+            t_compute = flops / (peak * 1e12 * efficiency)
+        # Floor: per-kernel overhead; recompute reruns forward kernels in proportion to its FLOPs.
+        kernels = slices * layers * KERNELS_PER_LAYER[not eager] * layer_flops / shape.layer_flops
+        t_compute = max(t_compute, kernels * LAUNCH_S)
+        t_tp = 0.0
+        if tp > 1:
+            bw, _ = get_axis_bandwidth(gpu, 1, tp, gpus_per_node)
+            per_layer_collectives = 4 + (2 if L.ac != "none" else 0)  # recompute reruns the forward's two
+            collectives = slices * (layers * per_layer_collectives + 2)  # + embedding and loss
+            t_tp = collectives * 2 * (tp - 1) / tp * tokens * shape.dim * a / bw
+        t_p2p = 0.0
+        if pipelined:
+            stride = tp * dp
+            bw, _ = get_axis_bandwidth(gpu, stride, p, gpus_per_node)
+            boundary = tokens * shape.dim * a / (tp if L.sequence_parallel else 1)
+            t_p2p = 2 * slices * L.virtual_stages * boundary / bw
+        bubble, stretch = get_bubble(L.pp_schedule, p, L.microbatches, L.virtual_stages)
+        t_pipeline = (t_compute + t_tp + t_p2p) * stretch
+
+        t_dp, where = 0.0, "-"
+        if mode == "ddp":
+            group, stride = (L.dp_replicate, tp) if L.zero == 0 else (shard, tp)
+            bw, where = get_axis_bandwidth(gpu, stride, group, gpus_per_node)
+            volume = 2 * (group - 1) / group * 4 * params  # fp32 gradient all-reduce
+            if L.zero == 1:
+                volume += (group - 1) / group * 4 * params  # each owner broadcasts its updated shard
+            t_dp = volume / bw
+        elif mode == "fsdp":
+            bw, where = get_axis_bandwidth(gpu, tp, shard, gpus_per_node)
+            gathers = (1 if L.zero == 2 else 2) * accumulation
+            t_dp = (shard - 1) / shard * (4 * params + gathers * c * params) / bw  # fp32 reduce-scatter, gathers
+            if L.dp_replicate > 1:
+                bw_r, where_r = get_axis_bandwidth(gpu, tp * shard, L.dp_replicate, gpus_per_node)
+                t_dp += 2 * (L.dp_replicate - 1) / L.dp_replicate * 4 * params / shard / bw_r
+                where = where if where == where_r else f"{where}+{where_r}"
+        # Collectives hide behind compute up to dp_overlap of it; one unit's worth (the last bucket) never does.
+        t_dp_exposed = max(t_dp - knobs.dp_overlap * t_compute, t_dp / (layers + 1)) if t_dp else 0.0
+        optim_params = params / shard if (mode == "fsdp" or L.zero == 1) and dp > 1 else params
+        t_optimizer = OPTIMIZER_BYTES * optim_params / (gpu.hbm_tbps * 1e12)
+        step = t_pipeline + t_dp_exposed + t_optimizer
+        if worst_time is None or step > worst_time["step"]:
+            worst_time = {"compute": t_compute, "tp_comm": t_tp, "pp_p2p": t_p2p,
+                          "bubble": t_pipeline - (t_compute + t_tp + t_p2p), "dp_comm": t_dp, "dp_exposed": t_dp_exposed,
+                          "optimizer": t_optimizer, "step": step, "bubble_fraction": bubble, "dp_link": where,
+                          "efficiency": efficiency, "rank": rank, "accumulation": accumulation}
+
+    total, mem, phase, rank = worst_mem
+    mem_gib = {k: round(v / GIB, 6) for k, v in mem.items() if v}
+    mem_gib.update(peak_phase=phase, rank=rank, overhead=knobs.mem_overhead_gb, total=round(total / GIB, 3))
+    times = {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in worst_time.items()}
+    step = worst_time["step"]
+    tokens_per_s = shape.batch * shape.seq / step
+    peak = gpu.fp32_tflops if shape.precision == "fp32" else gpu.bf16_tflops
+    return {
+        "fits": total / GIB <= gpu.hbm_gib,
+        "pred_mem_gb": round(total / GIB, 2),
+        "pred_step_s": float(f"{step:.5g}"),
+        "pred_tokens_per_s": round(tokens_per_s, 1),
+        "pred_mfu": round(tokens_per_s * shape.flops_per_token / (L.world_size * peak * 1e12), 4),
+        "breakdown": {"mem": mem_gib, "time": times},
+    }
