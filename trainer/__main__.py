@@ -1,12 +1,14 @@
 """CLI edge: `python -m trainer [recipe=NAME] [key=value ...]`, also under torchrun.
 
-User errors (config, data, checkpoint) end here as one line on stderr and exit code 2.
+User errors (config, data, checkpoint) end here as one line on stderr and exit code 2; a run stopped on a
+non-finite step (fault.nonfinite) as one line and exit code 1.
 """
 import os
 import sys
 
 from trainer.config import ConfigError, load_config
 from trainer.env import get_env
+from trainer.faults import NonFiniteError
 
 
 def main(argv: list[str]) -> int:
@@ -19,6 +21,10 @@ def main(argv: list[str]) -> int:
         if get_env().is_main:  # every rank finds the same error; one line is enough
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        if get_env().is_main:  # every rank stops at the same step
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -376,6 +376,7 @@ class Checkpointer:
         self.loaded_step = -1
         self.pending = None  # (step, path, future, start time) of the async save in flight
         self.group, self.stager = None, None
+        self.before_commit = None  # a test hook (trainer/faults.py): called with the step before the marker is written
         if self.saving and cfg.checkpoint.async_save:
             # The background save runs collectives while training runs its own: it needs a group of its own,
             # on a CPU backend (async_save's requirement).
@@ -420,11 +421,14 @@ class Checkpointer:
 
     # -- save --------------------------------------------------------------------------------
 
+    def is_due(self, step: int) -> bool:
+        every, last = self.cfg.checkpoint.every, step == self.cfg.train.steps
+        return self.saving and step != self.loaded_step and (last or bool(every and step % every == 0))
+
     def maybe_save(self, step: int) -> None:
         """Called after each step: finish an async save that is done, save when due."""
         self._poll()
-        every, last = self.cfg.checkpoint.every, step == self.cfg.train.steps
-        if self.saving and step != self.loaded_step and (last or (every and step % every == 0)):
+        if self.is_due(step):
             self.save(step)
 
     def save(self, step: int) -> None:
@@ -466,6 +470,8 @@ class Checkpointer:
     def _commit(self, step: int, path: Path, seconds: float, *, background: bool = False) -> None:
         # DCP's coordinator writes .metadata only after gathering every rank's write results, and rank 0 is
         # the coordinator: once its save returned, every rank's files are complete.
+        if self.before_commit is not None:
+            self.before_commit(step)
         if not self.env.is_main:
             return
         config = path / "config.yaml"

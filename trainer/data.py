@@ -378,6 +378,10 @@ class SampleStream:
         """Samples at global positions start .. start + count - 1, as int64 (count, seq_len + 1)."""
         return torch.from_numpy(np.asarray(self.samples[self._indices(start, count)], dtype=np.int64))
 
+    def sample_indices(self, start: int, count: int) -> list[int]:
+        """Row indices (into the packed train samples) at global positions start .. start + count - 1, for reports."""
+        return self._indices(start, count).tolist()
+
     def next_batch(self, global_batch: int, dp_rank: int, dp_size: int) -> torch.Tensor:
         """This rank's contiguous slice of the next global batch; the slices of all ranks concatenate to it."""
         if global_batch % dp_size or not 0 <= dp_rank < dp_size:
