@@ -118,17 +118,16 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        # GQA/MQA inside SDPA: kv heads are shared, not copied (faster, and nothing expanded is saved).
+        gqa = q.shape[1] != k.shape[1]
         if attn_bias is not None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), enable_gqa=gqa)
         elif kv_cache is not None and seq != k.shape[2]:
             # Decoding with a cache: queries sit at the end, so the causal mask is bottom-right aligned.
             mask = torch.ones(seq, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - seq)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

@@ -19,7 +19,7 @@ from models import Transformer
 from parallel.activation_checkpoint import apply_ac
 from parallel.compile import apply_compile
 from parallel.data_parallel import apply_ddp, apply_fsdp
-from parallel.float8 import apply_float8
+from parallel.float8 import apply_float8, describe_converted
 from parallel.grad_norm import clip_grad_norm_
 from parallel.materialize import materialize
 from parallel.mesh import AXES, build_mesh, get_dp_rank_and_size
@@ -70,9 +70,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg, degrees: dict[st
     if cfg.train.precision == "fp8":
         # Before TP: torchao's float8 linears have their own tensor-parallel styles upstream; here TP
         # and fp8 together are refused by validation.
-        converted = apply_float8(model, recipe=cfg.train.fp8_recipe, fsdp=get_data_parallel_mode(cfg, degrees) == "fsdp")
-        notes.append(f"fp8 ({cfg.train.fp8_recipe}): {len(converted)} linears converted"
-                     + (f", e.g. {converted[0]} .. {converted[-1]}" if converted else " (none large enough)"))
+        all_gather = get_data_parallel_mode(cfg, degrees) == "fsdp" and cfg.train.fp8_all_gather
+        converted = apply_float8(model, recipe=cfg.train.fp8_recipe, fsdp_all_gather=all_gather)
+        all_gather = all_gather and cfg.train.fp8_recipe == "tensorwise"
+        notes.append(f"fp8 ({cfg.train.fp8_recipe}{', float8 FSDP all-gather' if all_gather else ''}): "
+                     f"{len(converted)} linears converted: {describe_converted(converted)}; the rest stay bf16")
     if degrees["tp"] > 1:
         apply_tp(model, mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel, loss_parallel=True)
     apply_ac(model, cfg.train.activation_checkpointing, cfg.train.ac_every)

@@ -5,6 +5,8 @@ linears stay in bf16. Must not hold sharding: FSDP's float8 all-gather is only s
 """
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 # Below this size the casts cost more than the faster matmul saves (torchao's own guidance is ~4k).
@@ -18,13 +20,13 @@ def should_convert(module: nn.Module, fqn: str, *, min_dim: int = MIN_FP8_DIM) -
     return min(out_features, in_features) >= min_dim and in_features % 16 == 0 and out_features % 16 == 0
 
 
-def apply_float8(model: nn.Module, *, recipe: str, fsdp: bool, min_dim: int = MIN_FP8_DIM) -> list[str]:
+def apply_float8(model: nn.Module, *, recipe: str, fsdp_all_gather: bool, min_dim: int = MIN_FP8_DIM) -> list[str]:
     """Swap eligible nn.Linear modules in place; returns the converted FQNs for the run log."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    config = Float8LinearConfig.from_recipe_name(recipe)
-    if recipe == "tensorwise" and fsdp:
-        config.enable_fsdp_float8_all_gather = True
+    # Half the all-gather bytes of bf16; torchao offers it for the tensorwise recipe only.
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe),
+                                 enable_fsdp_float8_all_gather=recipe == "tensorwise" and fsdp_all_gather)
     converted = [fqn for fqn, m in model.named_modules() if should_convert(m, fqn, min_dim=min_dim)]
     for fqn, module in model.named_modules():
         # A fused projection would read the weights directly and bypass the float8 linears' forward.
@@ -33,3 +35,15 @@ def apply_float8(model: nn.Module, *, recipe: str, fsdp: bool, min_dim: int = MI
     convert_to_float8_training(model, config=config,
                                module_filter_fn=lambda m, fqn: should_convert(m, fqn, min_dim=min_dim))
     return converted
+
+
+def describe_converted(fqns: list[str]) -> str:
+    """'layers.{0..15}.{attention.wq, ...}' style summary of converted modules, for the run log."""
+    if not fqns:
+        return "none (no linear large enough)"
+    layers = sorted({int(f.split(".")[1]) for f in fqns if f.startswith("layers.")})
+    suffixes = sorted({f.split(".", 2)[2] for f in fqns if f.startswith("layers.")})
+    others = [f for f in fqns if not f.startswith("layers.")]
+    span = f"{layers[0]}..{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    described = [f"layers.{{{span}}}.{{{', '.join(suffixes)}}}"] if layers else []
+    return ", ".join(described + others)

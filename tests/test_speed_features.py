@@ -102,15 +102,17 @@ def test_fused_projections_equal_separate_linears():
 
 
 def test_fp8_converts_large_block_linears_only():
-    from parallel.float8 import apply_float8
+    from parallel.float8 import apply_float8, describe_converted
 
     cfg = tiny(vocab_size=2048, dim=1024, num_layers=2, num_heads=8, num_kv_heads=2, ffn_dim=2048)
     with torch.device("meta"):
         model = Transformer(cfg)
-    converted = apply_float8(model, recipe="tensorwise", fsdp=False)
+    converted = apply_float8(model, recipe="tensorwise", fsdp_all_gather=False)
     expected = [f"layers.{i}.{name}" for i in range(2)
                 for name in ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")]
     assert sorted(converted) == sorted(expected)  # wk/wv (256 wide) and the output layer stay bf16
+    assert describe_converted(converted) == (
+        "layers.{0..1}.{attention.wo, attention.wq, feed_forward.w1, feed_forward.w2, feed_forward.w3}")
     from torchao.float8.float8_linear import Float8Linear
 
     for name, module in model.named_modules():
@@ -125,7 +127,7 @@ def test_fp8_leaves_small_models_alone():
 
     with torch.device("meta"):
         model = Transformer(tiny())
-    assert apply_float8(model, recipe="rowwise", fsdp=False) == []
+    assert apply_float8(model, recipe="rowwise", fsdp_all_gather=False) == []
     assert all(m.fuse_projections for m in model.modules() if hasattr(m, "fuse_projections"))
 
 
@@ -223,3 +225,14 @@ def test_hfu_counts_recomputation():
     assert 0 < selective < full / 2
     assert get_recompute_flops_per_token(LLAMA_1B, seq, "full", every=2) == full / 2
     assert get_recompute_flops_per_token(LLAMA_1B, seq, "none") == 0
+
+
+@pytest.mark.parametrize("recipe,expected", [("tensorwise", True), ("rowwise", False)])
+def test_fp8_fsdp_all_gather_follows_the_recipe(recipe, expected):
+    from parallel.float8 import apply_float8
+
+    cfg = tiny(vocab_size=2048, dim=1024, num_layers=1, num_heads=8, num_kv_heads=8, ffn_dim=2048)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    apply_float8(model, recipe=recipe, fsdp_all_gather=True)
+    assert model.layers["0"].attention.wq.config.enable_fsdp_float8_all_gather is expected

@@ -81,14 +81,16 @@ class TrainConfig:
     micro_batch_size: int = 16
     precision: str = "fp32"  # fp32 | bf16 | fp8 (bf16 compute + torchao float8 block linears)
     fp8_recipe: str = "tensorwise"  # tensorwise | rowwise
+    fp8_all_gather: bool = True  # FSDP all-gathers float8 weights (tensorwise recipe only)
     val_every: int = 50
     val_batches: int = 4
     activation_checkpointing: str = "none"
     ac_every: int = 1  # checkpoint every k-th block
     compile: bool = False
     attention_backend: str = "auto"
-    fused_loss: bool = True  # cross entropy fused with the output layer, in chunks; pp and tp use logits
-    fused_projections: bool = True  # q/k/v and gate/up as one matmul each; off under tp and fp8
+    # Memory levers, off by default: on the H200 each cost ~1-1.5 % of bf16 throughput (docs/performance.md).
+    fused_loss: bool = False  # cross entropy fused with the output layer, in chunks (no logits); not under tp/pp
+    fused_projections: bool = False  # q/k/v and gate/up as one matmul each; ignored under tp and fp8
 
 
 @dataclass

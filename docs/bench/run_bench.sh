@@ -13,5 +13,9 @@ for spec in "$@"; do
   python3 -m trainer.bench recipe=bench_1b run.dir=/tmp/runs/$name log.progress=lines $overrides \
     > "$OUT/$name.log" 2>&1
   tail -n 4 "$OUT/$name.log" | cut -c1-400
-  cat /tmp/runs/$name/bench.jsonl >> "$OUT/bench.jsonl" 2>/dev/null
+  # Each record tagged with its name and overrides, so the table can be rebuilt from the file alone.
+  [ -f /tmp/runs/$name/bench.jsonl ] && python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    print(json.dumps({"name": sys.argv[2], "overrides": sys.argv[3], **json.loads(line)}))' \
+    /tmp/runs/$name/bench.jsonl "$name" "$overrides" >> "$OUT/bench.jsonl"
 done
