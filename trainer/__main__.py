@@ -5,10 +5,14 @@ non-finite step (fault.nonfinite) as one line and exit code 1.
 """
 import os
 import sys
+import time
 
 from trainer.config import ConfigError, load_config
 from trainer.env import get_env
 from trainer.faults import NonFiniteError
+
+
+LINE_GRACE_S = 5.0
 
 
 def main(argv: list[str]) -> int:
@@ -20,6 +24,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         if get_env().is_main:  # every rank finds the same error; one line is enough
             print(f"error: {exc}", file=sys.stderr)
+        else:
+            # torchrun stops all workers when the first one exits: give rank 0 the time to print the line.
+            time.sleep(LINE_GRACE_S)
         return 2
     except NonFiniteError as exc:
         if get_env().is_main:  # every rank stops at the same step
