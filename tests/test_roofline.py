@@ -15,9 +15,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from models import count_params, flops_per_token
 from trainer.config import ConfigError, load_config
+from trainer.roofline import get_plot_points
 from trainer.roofline import main as roofline_main
 from trainer.roofs import Roofs, get_device_name, get_roofs
-from trainer.trace_analysis import analyze_trace, classify
+from trainer.trace_analysis import OptimizerWork, analyze_trace, classify, get_optimizer_work
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["recipe=debug", "profile.start_step=2", "profile.steps=3", "checkpoint.enabled=false", "train.val_batches=0",
@@ -104,6 +105,45 @@ def test_flops_match_the_model_count(clean):
     assert counted == pytest.approx(expected, rel=1e-6)
     assert flops_per_token(m, seq) * tokens == report["model_flops_per_step"]
     assert counted == pytest.approx(report["model_flops_per_step"], rel=0.03)  # +2.1% for the debug shape
+
+
+def test_optimizer_bytes_come_from_the_parameters(clean):
+    """Fused AdamW reads param, grad, exp_avg, exp_avg_sq and writes three back: 7 x 4 bytes per fp32
+    parameter; the gradient norm reads each grad and clipping (optim.grad_clip > 0) reads and writes it."""
+    run_dir, report = clean
+    cfg = load_config(["recipe=debug"])
+    assert cfg.optim.grad_clip > 0
+    params = count_params(cfg.model)
+    estimate, optimizer = report["analysis"]["optimizer_estimate"], report["analysis"]["classes"]["optimizer"]
+    assert estimate["adamw"]["gbyte"] * 1e9 == pytest.approx(7 * 4 * params, rel=0.01)
+    assert optimizer["gbyte"] * 1e9 == pytest.approx((7 + 1 + 2) * 4 * params, rel=0.01)
+    assert optimizer["roof_fraction"] > 0 and optimizer["bound"] == "memory"
+    assert "optimizer" in get_plot_points(report)  # on the PNG, named in its legend
+    assert "optimizer FLOPs and bytes estimated" in (run_dir / "roofline" / "roofline.md").read_text()
+
+
+def test_optimizer_of_a_1b_model_against_the_h200_roof():
+    """The H200 bench_1b report's optimizer row: 16.16 ms of multi_tensor_apply kernels per step,
+    no shapes recorded, 1.384e9 fp32 parameters (meta: no memory), a 4.08 TB/s roof."""
+    params = [torch.nn.Parameter(torch.empty(n, device="meta")) for n in (1_000_000_000, 384_187_904)]
+    work = get_optimizer_work(torch.optim.AdamW(params), grad_clip=True)
+    assert work.bytes == pytest.approx({"adamw": 7 * 4 * 1_384_187_904, "grad_norm": 4 * 1_384_187_904,
+                                        "grad_scale": 2 * 4 * 1_384_187_904})
+    step = {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#1", "ts": 0, "dur": 16_160, "tid": 1, "args": {}}
+    kernel = {"ph": "X", "cat": "kernel", "name": "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+              "ts": 0, "dur": 16_160, "tid": 7, "args": {}}
+    roofs = Roofs("NVIDIA H200", {"fp32": 50.92, "bf16": 764.0}, bandwidth_tbps=4.08)
+
+    def optimizer_row(work):
+        return analyze_trace({"traceEvents": [step, kernel]}, roofs=roofs, optimizer_work=work)["classes"]["optimizer"]
+
+    adamw = optimizer_row(OptimizerWork({"adamw": work.flops["adamw"]}, {"adamw": work.bytes["adamw"]},
+                                        {"fp32": work.flops["adamw"]}))
+    assert adamw["gbyte"] == pytest.approx(38.76, rel=1e-3) and adamw["gflop"] == pytest.approx(15 * 1.384, rel=1e-3)
+    assert adamw["tbps"] == pytest.approx(2.40, rel=0.01) and adamw["roof_fraction"] == pytest.approx(0.588, rel=0.01)
+    with_clipping = optimizer_row(work)  # the run's class: its kernels include the gradient norm and clipping
+    assert with_clipping["gbyte"] == pytest.approx(55.37, rel=1e-3) and with_clipping["bound"] == "memory"
+    assert with_clipping["roof_fraction"] == pytest.approx(0.839, rel=0.01)
 
 
 def test_clean_run_has_neither_data_loading_nor_host_sync(clean):

@@ -34,9 +34,10 @@ MEMORY_HISTORY_ENTRIES = 100_000
 
 
 class Profiler:
-    def __init__(self, cfg, env, run_dir: Path, *, logger, models: list[nn.Module] = ()):
+    def __init__(self, cfg, env, run_dir: Path, *, logger, models: list[nn.Module] = (), optimizer=None):
         p = cfg.profile
         self.cfg, self.env, self.run_dir, self.logger, self.models = cfg, env, run_dir, logger, list(models)
+        self.optimizer = optimizer  # its parameters give the optimizer class's bytes, which the trace lacks
         self.first, self.last = p.start_step + 1, p.start_step + p.steps  # the steps profiled, 1-based
         self.cuda = env.device.type == "cuda"
         self.memory_snapshot = p.memory_snapshot and self.cuda
@@ -160,11 +161,12 @@ class Profiler:
 
     def _roofline(self, trace_path: Path, seconds: float) -> None:
         from trainer.roofline import build_report, write_report
-        from trainer.trace_analysis import analyze_trace, load_trace
+        from trainer.trace_analysis import analyze_trace, get_optimizer_work, load_trace
 
         cfg, env, roofs = self.cfg, self.env, self.roofs
         steps = self.last - self.first + 1
-        analysis = analyze_trace(load_trace(trace_path), roofs=roofs)
+        work = None if self.optimizer is None else get_optimizer_work(self.optimizer, grad_clip=cfg.optim.grad_clip > 0)
+        analysis = analyze_trace(load_trace(trace_path), roofs=roofs, optimizer_work=work)
         mine = {"rank": env.rank, "step_ms": seconds / steps * 1e3, "busy_ms": analysis["busy_ms"],
                 "idle_ms": analysis["idle_ms"], "exposed_comm_ms": analysis["communication"]["exposed_ms"]}
         ranks = [mine]

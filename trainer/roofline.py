@@ -31,6 +31,8 @@ TINY_KERNEL_US, TINY_KERNELS_PER_STEP = 10.0, 500
 HTOD_SHARE, COMM_SHARE = 0.01, 0.10
 MATMUL_SHARE, MATMUL_ROOF_FRACTION = 0.10, 0.5
 ELEMENTWISE_SHARE, LOSS_SHARE, OPTIMIZER_SHARE = 0.25, 0.10, 0.10
+# Below this fraction of its roof a class's work is unseen (kernels without recorded shapes), not slow.
+PLOTTED_ROOF_FRACTION = 1e-3
 
 
 def _pct(x: float) -> str:
@@ -191,20 +193,28 @@ def format_summary(report: dict) -> list[str]:
              f"models.flops_per_token, this rank's share)"
              + (f": {100 * report['counted_vs_model_flops']:+.1f}%" if report["counted_vs_model_flops"] is not None else "")
              + (f"; model throughput {report['model_tflops']:.4g} TFLOP/s" if report["model_tflops"] else "")]
+    estimate = a.get("optimizer_estimate")
+    if estimate:
+        parts = ", ".join(f"{part} {e['gbyte']:.3g} GB" for part, e in estimate.items() if e["gbyte"])
+        lines.append(f"optimizer FLOPs and bytes estimated from the parameters it steps, not the trace: {parts} per step")
     if report["straggler"]:
         lines.append(report["straggler"])
     return lines
+
+
+def get_plot_points(report: dict) -> dict[str, dict]:
+    """The classes placed on the roofline plot: FLOPs and bytes counted, against an HBM roof (not
+    communication), and not so far below it that their work is unseen."""
+    return {name: c for name, c in report["analysis"]["classes"].items()
+            if c["intensity"] and c["tflops"] and (c["roof_fraction"] or 0) >= PLOTTED_ROOF_FRACTION}
 
 
 def plot_roofline(path: Path, report: dict) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    roofs, classes = report["roofs"], report["analysis"]["classes"]
-    bandwidth = roofs["bandwidth_tbps"]
-    total_flops = sum(c["gflop"] for c in classes.values())
-    # Classes with next to no FLOPs (views, copies) have no meaningful place on the FLOP axis.
-    points = {n: c for n, c in classes.items() if c["intensity"] and c["tflops"] and c["gflop"] >= 1e-4 * total_flops}
+    roofs, bandwidth = report["roofs"], report["roofs"]["bandwidth_tbps"]
+    points = get_plot_points(report)
     lowest = min([c["intensity"] for c in points.values()] + [0.1])
     highest = max([c["intensity"] for c in points.values()] + [10 * max(roofs["ridge_flop_per_byte"].values())])
     x = [lowest / 3 * (highest * 3 / (lowest / 3)) ** (i / 200) for i in range(201)]

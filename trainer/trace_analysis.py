@@ -33,6 +33,15 @@ trainer/profiling.py records the trace (record_shapes on); `analyze_trace` reads
   size of the largest input (none for reductions, the written input for in-place ops); Triton
   kernels the sum of their arguments (inputs and outputs alike). A lower bound on traffic: cache
   misses and re-reads are not seen.
+- The optimizer class's FLOPs and bytes, where the caller passes `OptimizerWork` (trainer/profiling.py
+  does), come from the parameters, not the trace: its kernels run over tensor lists, whose shapes the
+  GPU trace lacks. Per element of a parameter (tensors of its dtype moved; FLOPs): the AdamW step,
+  one fused pass, reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq (7;
+  15 FLOPs: decay 2, exp_avg 3, exp_avg_sq 4, denominator sqrt/div/add 3, update 3); gradient
+  clipping's kernels, in this class by their _foreach_/multi_tensor_apply names: _foreach_norm (and
+  its lpnorm_cleanup) every step, reading each grad (1; square and add 2), and, with optim.grad_clip
+  > 0, _foreach_mul_, reading and writing it (2; 1 FLOP). CPU's foreach AdamW makes several passes:
+  its time shows them, its bytes count one. Every step is assumed to update (no skipped steps).
 - Roofs (trainer/roofs.py): a class's compute peak is that of its FLOP mix (fp8, bf16, fp32 matmul
   peaks, each dtype's FLOPs at its own peak), its roof min(peak, intensity x bandwidth), its bound
   "compute" past the ridge. They are HBM/DRAM roofs: on CPU a small working set runs from cache and
@@ -59,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.flop_counter import flop_registry
 
 from trainer.roofs import Roofs
@@ -96,6 +106,8 @@ META_DTYPES = {"float": torch.float32, "double": torch.float64, "c10::BFloat16":
                "c10::Half": torch.float16, "long int": torch.int64, "int": torch.int32, "bool": torch.bool}
 FP8_TYPES = ("Float8",)
 SYNC_GAP_TOLERANCE_US = 5.0
+# The optimizer class's work per parameter element (module docstring): (tensors moved, FLOPs).
+OPTIMIZER_PARTS = {"adamw": (7, 15), "grad_norm": (1, 2), "grad_scale": (2, 1)}
 
 
 @dataclass
@@ -130,6 +142,35 @@ class ClassTotals:
     flops: float = 0.0
     bytes: float = 0.0
     flops_by_dtype: dict = field(default_factory=lambda: defaultdict(float))
+
+
+@dataclass
+class OptimizerWork:
+    """Per-step FLOPs and bytes of the optimizer class's kernels, by part (OPTIMIZER_PARTS' keys)."""
+
+    flops: dict[str, float]
+    bytes: dict[str, float]
+    flops_by_dtype: dict[str, float]
+
+
+def get_optimizer_work(optimizer: torch.optim.Optimizer, *, grad_clip: bool) -> OptimizerWork:
+    """The work of one step of `optimizer` (this rank's shards) and of the gradient norm and clipping
+    before it (`grad_clip`: optim.grad_clip > 0, so the grads are scaled too)."""
+    def local(groups):
+        return [p.to_local() if isinstance(p, DTensor) else p for group in groups for p in group["params"]]
+
+    # Under ZeRO-1 every gradient is clipped, but a ZeroRedundancyOptimizer steps only its partition (`optim`).
+    stepped = local(getattr(optimizer, "optim", optimizer).param_groups)
+    clipped = local(optimizer.param_groups)
+    parts = {"adamw": stepped, "grad_norm": clipped, "grad_scale": clipped if grad_clip else []}
+    work = OptimizerWork({}, {}, defaultdict(float))
+    for part, params in parts.items():
+        tensors, flops = OPTIMIZER_PARTS[part]
+        work.bytes[part] = float(sum(tensors * p.numel() * p.element_size() for p in params))
+        work.flops[part] = float(sum(flops * p.numel() for p in params))
+        for p in params:
+            work.flops_by_dtype["bf16" if p.element_size() == 2 else "fp32"] += flops * p.numel()
+    return work
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,9 +520,10 @@ def _class_row(c: ClassTotals, name: str, *, steps: int, window_us: float, roofs
     return row
 
 
-def analyze_trace(trace: dict, *, roofs: Roofs | None = None) -> dict:
+def analyze_trace(trace: dict, *, roofs: Roofs | None = None, optimizer_work: OptimizerWork | None = None) -> dict:
     """Per-class time, FLOPs, bytes and roof fractions, and the idle split, of the steps in `trace`
-    (its ProfilerStep# ranges; the whole trace when it has none). Times are per step, in ms."""
+    (its ProfilerStep# ranges; the whole trace when it has none). Times are per step, in ms. With
+    `optimizer_work`, the optimizer class's FLOPs and bytes are that estimate, not the trace's."""
     raw = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "ts" in e]
     device_raw = [e for e in raw if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     host = build_host_tree([e for e in raw if e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")])
@@ -513,6 +555,11 @@ def analyze_trace(trace: dict, *, roofs: Roofs | None = None) -> dict:
         totals[cls].flops += flops
         totals[cls].bytes += get_bytes(host[op].name, host[op].args)
         totals[cls].flops_by_dtype[get_dtype(host[op].args)] += flops
+    if optimizer_work is not None:
+        optimizer = totals["optimizer"]
+        optimizer.flops = sum(optimizer_work.flops.values()) * num_steps
+        optimizer.bytes = sum(optimizer_work.bytes.values()) * num_steps
+        optimizer.flops_by_dtype = defaultdict(float, {d: f * num_steps for d, f in optimizer_work.flops_by_dtype.items()})
 
     idle = _split_idle(host, gaps, device=device)
     syncs = sum(1 for i, h in enumerate(host) if h.name in SYNCS and window[0] <= h.start < window[1]
@@ -540,4 +587,7 @@ def analyze_trace(trace: dict, *, roofs: Roofs | None = None) -> dict:
                           "exposed_ms": classes["communication"]["time_ms"]},
         "flops_per_step": {"matmul_attention": sum(totals[c].flops for c in ("matmul", "attention")) / num_steps,
                            "all": sum(c.flops for c in totals.values()) / num_steps},
+        "optimizer_estimate": None if optimizer_work is None else {
+            part: {"gflop": optimizer_work.flops[part] / 1e9, "gbyte": optimizer_work.bytes[part] / 1e9}
+            for part in optimizer_work.bytes},
     }

@@ -206,7 +206,7 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     loss_sum, last_log_time, last_log_step = None, time.perf_counter(), step
     start_time, last = last_log_time, {}
-    profiler = Profiler(cfg, env, run_dir, logger=logger, models=pm.models)  # profile.*: nothing when off
+    profiler = Profiler(cfg, env, run_dir, logger=logger, models=pm.models, optimizer=optimizer)  # profile.*: nothing when off
     layer_stats = build_layer_stats(cfg, pm.models, degrees, env.world_size, logger)  # log.layer_stats
     while step < t.steps:
         profiler.step(step)
