@@ -218,7 +218,9 @@ def _record_config(record: dict, cache: dict) -> Config:
         cfg.train, global_batch_size=batch, micro_batch_size=int(record.get("micro_batch_size", batch)),
         seq_len=int(record.get("seq_len", cfg.train.seq_len)), precision=record.get("precision", cfg.train.precision),
         compile=bool(record.get("compile", cfg.train.compile)),
-        activation_checkpointing=record.get("activation_checkpointing", cfg.train.activation_checkpointing))
+        activation_checkpointing=record.get("activation_checkpointing", cfg.train.activation_checkpointing),
+        fused_loss=bool(record.get("fused_loss", cfg.train.fused_loss)),
+        fused_projections=bool(record.get("fused_projections", cfg.train.fused_projections)))
     return dataclasses.replace(cfg, train=train)
 
 

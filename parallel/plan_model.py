@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 
 from models import count_params, flops_per_token
+from models.loss import CHUNK_ELEMENTS
+from parallel.float8 import MIN_FP8_DIM
 
 GIB = 2**30
 
@@ -28,33 +30,42 @@ class GPU:
     hbm_tbps: float  # memory bandwidth, TB/s
     intra_gbps: float  # NVLink per GPU, one direction, GB/s
     inter_gbps: float  # network per GPU (one NIC each), one direction, GB/s
-    mfu: float  # default share of the bf16 peak on the model's FLOPs (compiled blocks, large micro-batch)
-    mem_overhead_gb: float = 1.0  # default: allocator pools, NCCL/cuBLAS workspaces, small tensors
+    mfu: float  # default share of the bf16 peak on the model's FLOPs while computing (compiled, large micro-batch)
+    mem_overhead_gb: float = 0.0  # default: reserved memory the byte accounting misses (fitted, docs/planner.md)
+    untracked_gb: float = 1.0  # CUDA context, NCCL buffers: outside the caching allocator, yet they must fit too
     size_half: float = 2**19  # tokens x dim/tp of a micro-batch at which matmuls run at half their saturated rate
+    fused_rms_norm: bool = True  # torch.rms_norm is one kernel that saves input and rstd (CUDA); else composite ops
 
 
 # Sources in docs/planner.md. The H200 here measured ~790 TFLOP/s on a bf16 matmul; the table keeps the
-# datasheet 989, which is also what trainer/env.py divides by for MFU, so calibrated MFUs carry over.
+# datasheet 989, which is also what trainer/env.py divides by for MFU, so calibrated MFUs carry over. Hopper's
+# 0.60: the H200 bench_1b trace spends 220 ms computing 1.29e5 GFLOP per step (docs/roofline/h200_bench_1b_bf16.md).
 GPUS = {
-    "h100": GPU("H100 SXM 80GB", 989.0, 1979.0, 67.0, 79.1, 3.35, 450.0, 50.0, 0.55),
-    "h200": GPU("H200 SXM 141GB", 989.0, 1979.0, 67.0, 139.7, 4.8, 450.0, 50.0, 0.55),
+    "h100": GPU("H100 SXM 80GB", 989.0, 1979.0, 67.0, 79.1, 3.35, 450.0, 50.0, 0.60),
+    "h200": GPU("H200 SXM 141GB", 989.0, 1979.0, 67.0, 139.7, 4.8, 450.0, 50.0, 0.60),
     "a100": GPU("A100 SXM 80GB", 312.0, None, 19.5, 79.1, 2.04, 300.0, 25.0, 0.50),
     "b200": GPU("B200 180GB", 2250.0, 4500.0, 75.0, 178.4, 8.0, 900.0, 50.0, 0.50),
     # A nominal host for CPU runs (gloo over shared memory): placeholders to calibrate, not measurements.
     # Memory there is the process's peak RSS, which includes the Python and torch libraries.
-    "cpu": GPU("CPU (nominal)", 0.2, None, 0.2, 64.0, 0.05, 5.0, 1.25, 0.30, mem_overhead_gb=0.35, size_half=2**10),
+    "cpu": GPU("CPU (nominal)", 0.2, None, 0.2, 64.0, 0.05, 5.0, 1.25, 0.30, mem_overhead_gb=0.35, untracked_gb=0.0,
+               size_half=2**10, fused_rms_norm=False),
 }
 
 # Defaults of the calibratable knobs (a calibration dict overrides any of them).
 DEFAULT_DP_OVERLAP = 0.8  # share of compute time behind which DP/FSDP collectives can hide
-ALLOCATOR_SLACK = 0.03  # reserved over allocated: the caching allocator's rounding and fragmentation
+# Reserved over allocated with expandable segments (trainer/env.py), fitted once by least squares to the six
+# current-code H200 rows of docs/planner.md: reserved = 1.0066 x modelled bytes - 0.003 GiB.
+ALLOCATOR_SLACK = 0.007
 COMM_EFFICIENCY = 0.8  # achieved bus bandwidth over link bandwidth (nccl-tests: ~360 of 450 GB/s NVLink)
 EAGER_EFFICIENCY = 0.80  # eager over compiled blocks: 54,705 / 68,196 tokens/s, bench_1b on the H200
 FP8_EFFICIENCY = 0.6  # fp8 linears' share of fp8 peak relative to bf16's share of bf16 peak (H200: 78k vs 68k tok/s)
 LAUNCH_S = 5e-6  # per-kernel host overhead: the floor of a tiny layer's time
 KERNELS_PER_LAYER = {True: 30, False: 90}  # forward + backward kernels of one block, compiled / eager
-OPTIMIZER_BYTES = 32  # fused AdamW reads param, grad, m, v and writes param, m, v (fp32), plus the clip's read
-CHUNK_ELEMENTS = 2**28  # models/loss.py's logits elements per chunk
+# Fused AdamW reads param, grad, m, v and writes param, m, v (fp32, 28 bytes); the clip reads the gradients for
+# their norm and scales them in place (12). At 0.7 of the HBM rate: the H200 trace's optimizer takes 16.2 ms
+# for the 1.38e9 parameters of bench_1b (3.4 of 4.8 TB/s).
+OPTIMIZER_BYTES = 40
+OPTIMIZER_BANDWIDTH_SHARE = 0.7
 
 
 def get_gpu_key(name: str) -> str:
@@ -102,9 +113,14 @@ class ModelShape:
         self.kv_dim, self.ffn, self.vocab = m.num_kv_heads * m.head_dim, m.ffn_dim, m.vocab_size
         self.seq, self.batch = t.seq_len, t.global_batch_size
         self.precision, self.compile = t.precision, t.compile
-        self.fused_loss = getattr(t, "fused_loss", False)
+        self.fused_loss, self.fused_projections = t.fused_loss, t.fused_projections
         self.ac_every = t.ac_every
         d, kv, f = self.dim, self.kv_dim, self.ffn
+        # (fan_in, fan_out) of each block linear; parallel/float8.py's should_convert picks the float8 ones.
+        self.linears = {"wq": (d, d), "wk": (d, kv), "wv": (d, kv), "wo": (d, d), "w1": (d, f), "w3": (d, f),
+                        "w2": (f, d)}
+        self.fp8_linears = frozenset(name for name, dims in self.linears.items()
+                                     if min(dims) >= MIN_FP8_DIM and all(n % 16 == 0 for n in dims))
         self.qkv_params, self.wo_params, self.w13_params, self.w2_params = d * (d + 2 * kv), d * d, 2 * d * f, d * f
         self.matmul_params = self.qkv_params + self.wo_params + self.w13_params + self.w2_params
         self.layer_params = self.matmul_params + 2 * d  # + the two norms
@@ -161,53 +177,119 @@ def get_in_flight(layout: Layout, rank: int) -> int:
 # Activations: bytes per token per layer, read off models/llama.py's Block (see docs/planner.md).
 
 
-def get_layer_activation_bytes(shape: ModelShape, layout: Layout, *, residual_bytes: int, fused: bool,
-                               eager: bool) -> float:
-    """Saved for backward by one block without checkpointing, per token of a micro-batch, on one tp rank."""
+@dataclass(frozen=True)
+class BlockSetup:
+    """How a block runs in one layout: which projections are one matmul, which linears are float8."""
+
+    fused_qkv: bool
+    fused_w13: bool
+    fp8: frozenset[str]
+
+
+def get_block_setup(shape: ModelShape, tp: int) -> BlockSetup:
+    """parallel/ unfuses under TP, and unfuses a module (Attention, FeedForward) holding a float8 linear."""
+    fp8 = shape.fp8_linears if shape.precision == "fp8" else frozenset()
+    fused = shape.fused_projections and tp == 1
+    return BlockSetup(fused_qkv=fused and not fp8 & {"wq", "wk", "wv", "wo"},
+                      fused_w13=fused and not fp8 & {"w1", "w2", "w3"}, fp8=fp8)
+
+
+def get_layer_activation_bytes(shape: ModelShape, layout: Layout, block: BlockSetup, *, residual_bytes: int,
+                               eager: bool, fused_norm: bool) -> float:
+    """Saved for backward by one block without checkpointing, per token of a micro-batch, on one tp rank.
+
+    Eager: what autograd saves op by op. Compiled: what inductor's partitioner keeps (read off the forward
+    graph's saved outputs on CPU, the H200 peaks agree): the block input but not the mid-block residual,
+    which it rebuilds from wo's output; and where a float8 linear casts a tensor in backward anyway, the
+    cast kernel recomputes it (w2's input from gate and up) or the 1-byte cast is kept (w1/w3's input).
+    """
     d, kv, f, a, r, tp = shape.dim, shape.kv_dim, shape.ffn, shape.compute_bytes, residual_bytes, layout.tp
     seq_split = tp if layout.sequence_parallel else 1
-    # RMSNorm (composite): input and normalised input per norm; compiled, only the input (the rest fuses).
-    norms = (4 if eager else 2) * r * d / seq_split
-    # The q/k/v and gate/up inputs, in the compute dtype; under TP the all-gathered full input is saved. Eager
-    # autocast casts once per unfused linear (3 + 2 copies) when the residual stream is fp32.
-    copies = 5 if eager and not fused and r != a else 2
-    matmul_inputs = copies * a * d
-    # SDPA keeps q, k and v (GQA: repeated to all heads), out and the logsumexp. MHA's v is a view of the
-    # fused q/k/v output, so that whole buffer stays.
-    v_bytes = a * d if shape.heads != shape.kv_heads else a * (d + 2 * kv if fused else d)
-    attention = (3 * a * d + v_bytes + 4 * shape.heads) / tp
-    # SwiGLU: gate, up, silu(gate) and their product; compiled, silu is recomputed.
-    ffn = (4 if eager else 3) * a * f / tp
-    return norms + matmul_inputs + attention + ffn
+    # SDPA keeps q and k after RoPE, v, out and the logsumexp; GQA runs inside SDPA (enable_gqa), so k and
+    # v keep their kv heads. A fused q/k/v output stays whole, since v is a view of it.
+    v_bytes = a * (d + 2 * kv) if block.fused_qkv else a * kv
+    attention = (2 * a * d + a * kv + v_bytes + 4 * shape.heads) / tp
+    rstd = 2 * 4 / seq_split
+    if eager:
+        # RMSNorm: its input (and, composite, the normalised input) per norm. The q/k/v and gate/up inputs in the
+        # compute dtype; autocast (and a float8 linear's own cast) makes one copy per unfused linear over fp32.
+        norms = (2 if fused_norm else 4) * r * d / seq_split
+        copies = (1 if block.fused_qkv else 3) + (1 if block.fused_w13 else 2) if r != a else 2
+        ffn = 4 * a * f / tp  # gate, up, silu(gate), their product
+        return norms + copies * a * d + attention + ffn + rstd
+    residual = (r * d + a * d) / seq_split  # block input; wo's output rebuilds the mid-block residual
+    qkv_input = (1 if {"wq", "wk", "wv"} <= block.fp8 else a) * d  # under TP the all-gathered input
+    w13_input = (1 if {"w1", "w3"} <= block.fp8 else a) * d
+    ffn = (2 * a * f + (0 if "w2" in block.fp8 else a * f)) / tp  # gate, up, and w2's input
+    return residual + qkv_input + w13_input + attention + ffn + rstd
 
 
-def get_selective_bytes(shape: ModelShape, layout: Layout, *, residual_bytes: int, fused: bool) -> tuple[float, int]:
-    """(bytes per token per layer, recomputed matmul params) under parallel/activation_checkpoint.py's
-    selective policy: the block input, SDPA's outputs, and the 1st, 3rd, ... matmul outputs."""
+def get_block_matmuls(shape: ModelShape, layout: Layout, block: BlockSetup) -> list[tuple[float, int]]:
+    """(output bytes per token on one tp rank, weight params) of each matmul, in the order the block runs them."""
     d, kv, f, a, tp = shape.dim, shape.kv_dim, shape.ffn, shape.compute_bytes, layout.tp
-    # (output bytes per token, weight params) of each matmul in the order the block runs them.
-    if fused:
-        matmuls = [(a * (d + 2 * kv) / tp, shape.qkv_params), (a * d, shape.wo_params),
-                   (2 * a * f / tp, shape.w13_params), (a * d, shape.w2_params)]
-    else:
-        matmuls = [(a * d / tp, d * d), (a * kv / tp, d * kv), (a * kv / tp, d * kv), (a * d, shape.wo_params),
-                   (a * f / tp, d * f), (a * f / tp, d * f), (a * d, shape.w2_params)]
-    saved = sum(out for i, (out, _) in enumerate(matmuls) if i % 2 == 0)
+    seq_split = tp if layout.sequence_parallel else 1
+    qkv = ([(a * (d + 2 * kv), shape.qkv_params)] if block.fused_qkv else
+           [(a * d / tp, d * d), (a * kv / tp, d * kv), (a * kv / tp, d * kv)])
+    w13 = [(2 * a * f, shape.w13_params)] if block.fused_w13 else [(a * f / tp, d * f), (a * f / tp, d * f)]
+    return [*qkv, (a * d / seq_split, shape.wo_params), *w13, (a * d / seq_split, shape.w2_params)]
+
+
+def get_selective_bytes(shape: ModelShape, layout: Layout, block: BlockSetup, *, residual_bytes: int,
+                        eager: bool) -> tuple[float, int]:
+    """(bytes per token per layer, recomputed matmul params) under parallel/activation_checkpoint.py's
+    selective policy: the block input, SDPA's outputs, and the 1st, 3rd, ... matmul outputs. Compiled, an
+    output no backward op reads is not kept: the block's last matmul (w2) only feeds the residual add."""
+    d, a, tp = shape.dim, shape.compute_bytes, layout.tp
+    matmuls = get_block_matmuls(shape, layout, block)
+    kept = [i for i in range(0, len(matmuls), 2) if eager or i < len(matmuls) - 1]
+    saved = sum(matmuls[i][0] for i in kept)
     recomputed = sum(params for i, (_, params) in enumerate(matmuls) if i % 2 == 1)
     block_input = residual_bytes * d / (tp if layout.sequence_parallel else 1)
     return block_input + saved + (a * d + 4 * shape.heads) / tp, recomputed
 
 
-def get_weight_copy_bytes(shape: ModelShape, layout: Layout, *, autocast: bool, fused: bool) -> float:
-    """Per layer, held from forward to backward in eager mode: fused projections concatenate the q/k/v and
-    gate/up weights (in the compute dtype); autocast caches bf16 copies of the other weights. Compiled
-    graphs recompute both from the parameters."""
-    if shape.compile:
-        return 0.0
-    a = shape.compute_bytes
-    concatenated = shape.qkv_params + shape.w13_params if fused else 0
-    cached = (shape.matmul_params - concatenated) if autocast else 0
-    return a * (concatenated + cached) / layout.tp
+def get_weight_copy_bytes(shape: ModelShape, layout: Layout, block: BlockSetup, *, autocast: bool) -> float:
+    """Per layer, held from forward to backward: fused projections concatenate the q/k/v and gate/up weights
+    (in the compute dtype); autocast's compute-dtype copies of the other weights are saved by eager linears
+    and kept by inductor's partitioner alike. Float8 linears keep none: torchao saves the fp32 weight and
+    casts it again in backward. A checkpointed block recomputes its copies (docs/planner.md)."""
+    params = get_linear_params(shape)
+    fused = ({"wq", "wk", "wv"} if block.fused_qkv else set()) | ({"w1", "w3"} if block.fused_w13 else set())
+    copied = sum(n for name, n in params.items()
+                 if name not in block.fp8 and (name in fused or autocast))
+    return shape.compute_bytes * copied / layout.tp
+
+
+def get_linear_params(shape: ModelShape) -> dict[str, int]:
+    return {name: fan_in * fan_out for name, (fan_in, fan_out) in shape.linears.items()}
+
+
+def get_loss_bytes(shape: ModelShape, layout: Layout, *, tokens: int, residual_bytes: int, autocast: bool,
+                   fused_loss: bool, eager: bool, fused_norm: bool) -> float:
+    """The last stage's loss at its highest, per micro-batch: the final norm and output layer's saved inputs,
+    and (fused) the chunk loop at the end of forward or (logits) the cross entropy's backward."""
+    d, v, a, r, tp = shape.dim, shape.vocab, shape.compute_bytes, residual_bytes, layout.tp
+    norm = (1 if fused_norm else 2) * r * d * tokens  # the final norm runs eager in compiled models too
+    if fused_loss:
+        # models/loss.py: grad_hidden and the fp32 output-weight gradient are made in forward and saved; the
+        # fp32 hidden, its compute-dtype copy and the weight's are held through the chunk loop. Per logits
+        # element of a chunk: the logits, the fp32 softmax buffer (compiled) or fp32 temporaries (eager), the
+        # gradient, and the previous chunk's gradient, still referenced while the next is made.
+        chunk = min(get_chunk_tokens(v), tokens) * v
+        per_element = 3 * a + (12 if eager else 4)
+        held = (a * d + (r * d + a * d if r != a else r * d)) * tokens + 4 * v * d + (a * v * d if autocast else 0)
+        return norm + held + per_element * chunk
+    head = norm + a * d * tokens + (a * v * d / tp if autocast else 0)  # output layer: input, weight copy
+    if shape.compile and tp == 1 and layout.pp == 1:
+        return head + 2 * a * v * tokens  # compiled cross entropy keeps the logits; backward adds their grad
+    # Eager: log_softmax's fp32 output is saved; backward adds two fp32 temporaries.
+    held = layout.microbatches if layout.pp_schedule == "gpipe" and layout.pp > 1 else 1
+    return head + (4 * held + 8) * v / tp * tokens
+
+
+def get_chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk of models/loss.py's fused loss (a power of two)."""
+    return 2 ** max(0, (CHUNK_ELEMENTS // vocab).bit_length() - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +341,7 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
     mode = "none" if dp == 1 else ("ddp" if L.zero in (0, 1) else "fsdp")
     autocast = shape.precision != "fp32" and mode != "fsdp"
     residual = 4 if shape.precision == "fp32" or autocast else 2
-    fused = tp == 1 and shape.precision != "fp8"  # parallel/ unfuses under TP and fp8
+    block = get_block_setup(shape, tp)
     eager = not shape.compile
     a, c = shape.compute_bytes, shape.compute_bytes  # activation bytes; FSDP's unsharded param bytes
     rows = shape.batch // dp
@@ -268,15 +350,17 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
     num_stages = p * L.virtual_stages
     stage_layers = get_stage_layer_counts(shape.layers, num_stages)
     layer_param = shape.matmul_params / tp + 2 * shape.dim
-    full_layer = get_layer_activation_bytes(shape, L, residual_bytes=residual, fused=fused, eager=eager)
+    full_layer = get_layer_activation_bytes(shape, L, block, residual_bytes=residual, eager=eager,
+                                            fused_norm=gpu.fused_rms_norm)
     ac_share = 1.0 / shape.ac_every if L.ac != "none" else 0.0
     if L.ac == "full":
         kept, recompute_params = residual * shape.dim / (tp if L.sequence_parallel else 1), shape.matmul_params
     elif L.ac == "selective":
-        kept, recompute_params = get_selective_bytes(shape, L, residual_bytes=residual, fused=fused)
+        kept, recompute_params = get_selective_bytes(shape, L, block, residual_bytes=residual, eager=eager)
     else:
         kept, recompute_params = full_layer, 0
     per_layer = ac_share * kept + (1 - ac_share) * full_layer
+    layer_copies = get_weight_copy_bytes(shape, L, block, autocast=autocast)
     loss_parallel, pipelined = tp > 1, p > 1
     fused_loss = shape.fused_loss and not pipelined and not loss_parallel
 
@@ -303,33 +387,30 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
             mem["reduce_buffers"] = (c + 4 if c != 4 else 4) * layer_param
         if (accumulation > 1 or pipelined) and mode != "fsdp":
             mem["grads"] = grads_full  # earlier slices' gradients are present during the next forward
-        mem["weight_copies"] = layers * get_weight_copy_bytes(shape, L, autocast=autocast, fused=fused)
+        mem["weight_copies"] = layers * (1 - ac_share) * layer_copies  # checkpointed blocks recompute theirs
 
         # Activations: in-flight microbatches x this rank's layers (chunks share layers evenly) x per-layer bytes.
         in_flight = get_in_flight(L, rank)
         act_layers = layers * in_flight / (L.virtual_stages if L.virtual_stages > 1 else 1)
         mem["activations"] = act_layers * tokens * per_layer
-        if L.ac != "none":
-            mem["recompute"] = tokens * full_layer  # one block's activations while it is recomputed
+        if L.ac != "none":  # the part of one block that recompute rebuilds, while that block runs backward
+            mem["recompute"] = tokens * (full_layer - kept) + layer_copies
         if last:
-            head = (a * shape.dim + (2 if eager else 1) * residual * shape.dim) * tokens
-            if fused_loss:
-                chunk = min(CHUNK_ELEMENTS, tokens * shape.vocab)
-                loss = a * shape.dim * tokens + 4 * shape.vocab * shape.dim + (16 if eager else 4) * chunk
-            elif shape.compile and not loss_parallel and not pipelined:
-                loss = 2 * a * shape.vocab * tokens  # compiled cross entropy keeps the bf16 logits; their grad
-            else:
-                # Eager: log_softmax's fp32 output is saved; backward adds two fp32 temporaries.
-                held = (L.microbatches if L.pp_schedule == "gpipe" and pipelined else 1)
-                loss = (4 * held + 8) * shape.vocab / tp * tokens
-            mem["loss"] = head + loss
-        # Peak: with activations at the start of backward, or at its end with every gradient made.
+            mem["loss"] = get_loss_bytes(shape, L, tokens=tokens, residual_bytes=residual, autocast=autocast,
+                                         fused_loss=fused_loss, eager=eager, fused_norm=gpu.fused_rms_norm)
+        # Peak: the loss (end of forward, or its backward) and a block's backward (recompute, FSDP's reduce
+        # buffers) come one after the other over the activations; at the end of backward every gradient is made.
         transient = ("activations", "recompute", "loss", "reduce_buffers")
-        fwd_bwd = sum(mem.values())
-        end_bwd = sum(v for k, v in mem.items() if k not in transient) - mem["grads"] + grads_full
+        persistent = sum(v for k, v in mem.items() if k not in transient)
+        loss_phase = mem.get("loss", 0.0)
+        block_phase = mem.get("recompute", 0.0) + mem.get("reduce_buffers", 0.0)
+        fwd_bwd = persistent + mem["activations"] + max(loss_phase, block_phase)
+        end_bwd = persistent - mem["grads"] + grads_full
         total = max(fwd_bwd, end_bwd) * (1 + ALLOCATOR_SLACK) + knobs.mem_overhead_gb * GIB
         if worst_mem is None or total > worst_mem[0]:
-            worst_mem = (total, mem, "backward start" if fwd_bwd >= end_bwd else "backward end", rank)
+            phase = "loss" if loss_phase >= block_phase else "block backward"
+            phase = phase if fwd_bwd >= end_bwd else "backward end"
+            worst_mem = (total, mem, phase, rank)
 
         # Time: compute at a calibrated share of peak, exposed communication, bubble, optimizer.
         slices = accumulation * L.microbatches  # micro-batches this rank runs per step
@@ -339,7 +420,8 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
         size = tokens * shape.dim / tp
         efficiency = knobs.mfu * (EAGER_EFFICIENCY if eager else 1.0) * size / (size + gpu.size_half)
         if shape.precision == "fp8" and gpu.fp8_tflops:
-            fp8_flops = slices * tokens * layers * 6 * shape.matmul_params / tp
+            fp8_params = sum(n for name, n in get_linear_params(shape).items() if name in block.fp8)
+            fp8_flops = slices * tokens * layers * 6 * fp8_params / tp
             t_compute = ((flops - fp8_flops) / (gpu.bf16_tflops * 1e12 * efficiency)
                          + fp8_flops / (gpu.fp8_tflops * 1e12 * efficiency * FP8_EFFICIENCY))
         else:
@@ -382,7 +464,7 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
         # Collectives hide behind compute up to dp_overlap of it; one unit's worth (the last bucket) never does.
         t_dp_exposed = max(t_dp - knobs.dp_overlap * t_compute, t_dp / (layers + 1)) if t_dp else 0.0
         optim_params = params / shard if (mode == "fsdp" or L.zero == 1) and dp > 1 else params
-        t_optimizer = OPTIMIZER_BYTES * optim_params / (gpu.hbm_tbps * 1e12)
+        t_optimizer = OPTIMIZER_BYTES * optim_params / (gpu.hbm_tbps * 1e12 * OPTIMIZER_BANDWIDTH_SHARE)
         step = t_pipeline + t_dp_exposed + t_optimizer
         if worst_time is None or step > worst_time["step"]:
             worst_time = {"compute": t_compute, "tp_comm": t_tp, "pp_p2p": t_p2p,
@@ -398,7 +480,7 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
     tokens_per_s = shape.batch * shape.seq / step
     peak = gpu.fp32_tflops if shape.precision == "fp32" else gpu.bf16_tflops
     return {
-        "fits": total / GIB <= gpu.hbm_gib,
+        "fits": total / GIB + gpu.untracked_gb <= gpu.hbm_gib,
         "pred_mem_gb": round(total / GIB, 2),
         "pred_step_s": float(f"{step:.5g}"),
         "pred_tokens_per_s": round(tokens_per_s, 1),
