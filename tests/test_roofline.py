@@ -15,10 +15,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from models import count_params, flops_per_token
 from trainer.config import ConfigError, load_config
+from trainer.kernel_costs import OptimizerWork, get_optimizer_work
 from trainer.roofline import get_plot_points
 from trainer.roofline import main as roofline_main
 from trainer.roofs import Roofs, get_device_name, get_roofs
-from trainer.trace_analysis import OptimizerWork, analyze_trace, classify, get_optimizer_work
+from trainer.trace_analysis import analyze_trace, classify
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["recipe=debug", "profile.start_step=2", "profile.steps=3", "checkpoint.enabled=false", "train.val_batches=0",

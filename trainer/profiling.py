@@ -160,8 +160,9 @@ class Profiler:
         self.prof = None
 
     def _roofline(self, trace_path: Path, seconds: float) -> None:
+        from trainer.kernel_costs import get_optimizer_work
         from trainer.roofline import build_report, write_report
-        from trainer.trace_analysis import analyze_trace, get_optimizer_work, load_trace
+        from trainer.trace_analysis import analyze_trace, load_trace
 
         cfg, env, roofs = self.cfg, self.env, self.roofs
         steps = self.last - self.first + 1

@@ -256,7 +256,7 @@ def write_report(out_dir: Path, report: dict) -> list[str]:
                  *[f"| {r['rank']} | {r['step_ms']:.4g} | {r['busy_ms']:.4g} | {r['idle_ms']:.4g} | {r['exposed_comm_ms']:.4g} |"
                    for r in report["ranks"]], ""]
     md = ["# Roofline report", "", *[f"{line}  " for line in summary], "", *table, "", "## Diagnosis", "", *diagnosis, "",
-          *ranks, "Classes, FLOP and byte estimates: trainer/trace_analysis.py; diagnosis rules: trainer/roofline.py.", ""]
+          *ranks, "Classes: trainer/trace_analysis.py; FLOP and byte estimates: trainer/kernel_costs.py; diagnosis rules: trainer/roofline.py.", ""]
     (out_dir / "roofline.md").write_text("\n".join(md))
     (out_dir / "roofline.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_roofline(out_dir / "roofline.png", report)
