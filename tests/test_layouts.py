@@ -61,8 +61,12 @@ LAYOUTS = {
     "tp2_sp_pp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2"]),
 }
 SLOW = {"dp2_tp2_pp2"}
-# Activation checkpointing changes what is stored, never the result: same fp32 tolerances.
-AC_LAYOUTS = {
+# Activation checkpointing and the fused loss/projections change what is stored and how it is computed, never
+# the result: same fp32 tolerances.
+FEATURE_LAYOUTS = {
+    "zero3_dp2_fused_loss_projections": (2, ["parallel.dp_shard=2", "parallel.zero=3", "train.fused_loss=true",
+                                             "train.fused_projections=true"]),
+    "ddp2_fused_loss": (2, ["parallel.dp_replicate=2", "parallel.zero=0", "train.fused_loss=true"]),
     "zero3_dp2_selective_ac": (2, ["parallel.dp_shard=2", "parallel.zero=3", "train.activation_checkpointing=selective"]),
     "tp2_pp2_full_ac_every2": (4, ["parallel.tp=2", "parallel.pp=2", "train.activation_checkpointing=full",
                                    "train.ac_every=2"]),
@@ -177,9 +181,9 @@ def test_layout_matches_one_process(layout, reference, cache_dir, tmp_path):
         f"{layout}: {get_mismatches(run, reference)}\nlosses {run.losses}\nreference {reference.losses}")
 
 
-@pytest.mark.parametrize("layout", list(AC_LAYOUTS))
-def test_activation_checkpointing_matches_one_process(layout, reference, cache_dir, tmp_path):
-    nproc, overrides = AC_LAYOUTS[layout]
+@pytest.mark.parametrize("layout", list(FEATURE_LAYOUTS))
+def test_feature_layout_matches_one_process(layout, reference, cache_dir, tmp_path):
+    nproc, overrides = FEATURE_LAYOUTS[layout]
     run = run_layout(tmp_path, nproc, overrides, cache_dir=cache_dir)
     print(f"{layout}: " + ", ".join(f"max {k} diff {v:.3g}" for k, v in get_max_diffs(run, reference).items()))
     assert not get_mismatches(run, reference), f"{layout}: {get_mismatches(run, reference)}"
