@@ -98,21 +98,13 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
-        # One matmul over the concatenated q/k/v weights: wider is faster, and the names stay separate.
-        # parallel/ turns it off where the linears are sharded (TP) or swapped (fp8).
-        self.fuse_projections = True
 
     def forward(self, x, rope=None, attn_bias=None, kv_cache=None):
         batch, seq, _ = x.shape
-        if self.fuse_projections:
-            qkv = F.linear(x, torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]))
-            q, k, v = qkv.split([self.wq.out_features, self.wk.out_features, self.wv.out_features], dim=-1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
         # -1 heads: under tensor parallelism these are the local heads; the model never sees the degree.
-        q = q.view(batch, seq, -1, self.head_dim)
-        k = k.view(batch, seq, -1, self.head_dim)
-        v = v.view(batch, seq, -1, self.head_dim)
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -137,14 +129,9 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
-        self.fuse_projections = True  # gate and up in one matmul, as in Attention
 
     def forward(self, x):
-        if self.fuse_projections:
-            gate, up = F.linear(x, torch.cat([self.w1.weight, self.w3.weight])).chunk(2, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):

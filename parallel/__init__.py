@@ -63,10 +63,6 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg, degrees: dict[st
     applied here: it checks shapes across ranks and builds its buckets when it wraps, so
     build_parallel_model wraps the materialised stage.
     """
-    if not cfg.train.fused_projections:
-        for module in model.modules():
-            if hasattr(module, "fuse_projections"):
-                module.fuse_projections = False
     if cfg.train.precision == "fp8":
         # Before TP: torchao's float8 linears have their own tensor-parallel styles upstream; here TP
         # and fp8 together are refused by validation.

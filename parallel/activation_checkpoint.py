@@ -23,9 +23,9 @@ SAVED_OPS = {
 def get_selective_policy():
     """Save attention and every other matmul (the 1st, 3rd, ...), recompute the rest.
 
-    With fused projections a block runs qkv, wo, gate/up, down: wo's and down's outputs are only
-    added to the residual stream, so recomputing them costs the least and frees their storage.
-    Forward and recompute count separately so both passes make the same choices.
+    A block runs wq, wk, wv, wo, w1, w3, w2: the outputs of wq, wv, w1 and w2 are kept, the
+    recomputed wk, wo and w3 hold a third of the matmul FLOPs. Forward and recompute count
+    separately so both passes make the same choices.
     """
     matmuls = {False: 0, True: 0}
 
@@ -64,8 +64,8 @@ def get_recompute_flops_per_token(model_cfg, seq_len: int, mode: str, every: int
     """FLOPs per token that checkpointing adds by recomputing forward work (for hardware FLOPs utilisation).
 
     full: the whole forward of each checkpointed block (its matmuls, 2 x weights, and attention's
-    QK^T and AV, 4 d seq). selective: the matmuls it does not save, every other one; with fused
-    projections those are wo and the down projection (2 x (d^2 + d ffn)), attention is kept.
+    QK^T and AV, 4 d seq). selective: the matmuls it does not save, wk, wo and w3
+    (2 x (d kv + d^2 + d ffn)); attention is kept.
     """
     if mode == "none":
         return 0.0
@@ -74,4 +74,4 @@ def get_recompute_flops_per_token(model_cfg, seq_len: int, mode: str, every: int
     if mode == "full":
         block_weights = 2 * d * d + 2 * d * kv + 3 * d * ffn
         return checkpointed * (2 * block_weights + 4 * d * seq_len)
-    return checkpointed * 2 * (d * d + d * ffn)
+    return checkpointed * 2 * (d * kv + d * d + d * ffn)

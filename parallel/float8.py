@@ -28,10 +28,6 @@ def apply_float8(model: nn.Module, *, recipe: str, fsdp_all_gather: bool, min_di
     config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe),
                                  enable_fsdp_float8_all_gather=recipe == "tensorwise" and fsdp_all_gather)
     converted = [fqn for fqn, m in model.named_modules() if should_convert(m, fqn, min_dim=min_dim)]
-    for fqn, module in model.named_modules():
-        # A fused projection would read the weights directly and bypass the float8 linears' forward.
-        if hasattr(module, "fuse_projections") and any(c.startswith(fqn + ".") for c in converted):
-            module.fuse_projections = False
     convert_to_float8_training(model, config=config,
                                module_filter_fn=lambda m, fqn: should_convert(m, fqn, min_dim=min_dim))
     return converted

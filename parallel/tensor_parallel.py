@@ -93,8 +93,6 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, 
     """Shard `model` (a Transformer or a pipeline stage of one) over `tp_mesh` in place."""
     parallelize_module(model, tp_mesh, get_top_plan(model, sequence_parallel, loss_parallel))
     for block in model.layers.values():
-        # Each projection is sharded on its own; concatenating the shards would interleave q, k and v.
-        block.attention.fuse_projections = block.feed_forward.fuse_projections = False
         parallelize_module(block, tp_mesh, get_block_plan(sequence_parallel))
     if sequence_parallel and model.tok_embeddings is None:
         # A later pipeline stage receives the local sequence shard, but the model reads the positions'

@@ -47,8 +47,7 @@ def break_dp_grad_sync() -> None:
 
 def record_linear_dtypes(seen: set[str]) -> None:
     """Patch the train loop's model builder to hook every block linear, collecting the dtype each one
-    computed in (under the layout's own mixed precision: autocast or FSDP's MixedPrecisionPolicy).
-    Fused projections skip their linears' hooks; wo and w2 always run as modules."""
+    computed in (under the layout's own mixed precision: autocast or FSDP's MixedPrecisionPolicy)."""
     import trainer.train as train_module
 
     build = train_module.build_parallel_model

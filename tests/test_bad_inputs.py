@@ -28,22 +28,15 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, one_thread):
     """Run dirs and inputs the cases point at: `existing` (a checkpoint and metrics.jsonl), `seeded` (metrics.jsonl,
     no checkpoint: checkpoint.load applies), `bpe` (an unreadable tokenizer.json), and broken files."""
-    import torch
-
     from trainer.config import load_config
     from trainer.train import train
 
     root = tmp_path_factory.mktemp("bad")
     existing = root / "existing"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(load_config(BASE + [f"run.dir={existing}", f"data.cache_dir={CACHE}"]))
-    finally:
-        torch.set_num_threads(threads)
+    train(load_config(BASE + [f"run.dir={existing}", f"data.cache_dir={CACHE}"]))
     checkpoint = existing / "checkpoints" / "step_000002"
     assert (checkpoint / "COMMITTED").is_file() and (existing / "metrics.jsonl").stat().st_size > 0
 
@@ -136,26 +129,19 @@ CASES = {
 
 
 def run_main(capsys, argv: list[str]) -> tuple[int, str]:
-    import torch
-
+    """In this process (the `world` fixture holds `one_thread`)."""
     from trainer.__main__ import main
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    code = main(argv)
     return code, capsys.readouterr().err.strip()
 
 
-def test_bad_inputs_give_one_line_and_touch_nothing(world, capsys, monkeypatch):
-    assert len(CASES) >= 30
+def test_bad_inputs_give_one_line_and_touch_nothing(world, capsys):
     names = ("existing", "seeded", "bpe")
     before = {name: snapshot(world[name]) for name in names}
     failures = []
     for case, (expected, target, overrides) in CASES.items():
-        overrides = [o.format(**{k: v for k, v in world.items()}) for o in overrides]
+        overrides = [o.format(**world) for o in overrides]
         run_dir = [f"run.dir={world[target]}"] if target else []
         # Local data files tokenize into a cache of their own; the rest read the shared, already built one.
         cache = world["root"] / "cache" if any(o.startswith("data.dataset=") for o in overrides) else CACHE

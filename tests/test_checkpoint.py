@@ -71,10 +71,8 @@ def worker(ports: list[int], runs: list[list[str]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def runs(tmp_path_factory, one_thread) -> Path:
     """Every training run of this module, in three launches (4 processes, 2 processes, this process)."""
-    import torch
-
     root = tmp_path_factory.mktemp("ckpt")
     a4 = root / "a4" / "checkpoints" / "step_000004"
     torchrun(4, [[f"run.dir={root / 'a4'}", "parallel.dp_shard=2", "parallel.tp=2", "checkpoint.async_save=true"]])
@@ -91,20 +89,15 @@ def runs(tmp_path_factory) -> Path:
         [f"run.dir={root / 'zero1'}", "parallel.dp_shard=2", "parallel.zero=1"],
         [f"run.dir={root / 'zero1_resumed'}", "parallel.dp_shard=2", "parallel.zero=1", f"checkpoint.load={root / 'zero1' / 'checkpoints' / 'step_000004'}"],
     ])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_here([f"run.dir={root / 'one'}", f"checkpoint.load={a4}"])
-        train_here([f"run.dir={root / 'hf_one'}", *from_hf])
-        train_here([f"run.dir={root / 'interleaved_one'}", "model.num_layers=4",
-                    f"checkpoint.load={root / 'interleaved' / 'checkpoints' / 'step_000004'}"])
-        train_here([f"run.dir={root / 'one_from_zero1'}", f"checkpoint.load={root / 'zero1' / 'checkpoints' / 'step_000004'}"])
-        train_here([f"run.dir={root / 'ref'}", "checkpoint.every=2", "checkpoint.keep=3", "checkpoint.async_save=true"])
-        shutil.copytree(root / "ref", root / "auto")
-        (root / "auto" / "checkpoints" / "step_000008" / "COMMITTED").unlink()  # as if killed mid-save
-        train_here([f"run.dir={root / 'auto'}", "checkpoint.every=2", "checkpoint.keep=3"])
-    finally:
-        torch.set_num_threads(threads)
+    train_here([f"run.dir={root / 'one'}", f"checkpoint.load={a4}"])
+    train_here([f"run.dir={root / 'hf_one'}", *from_hf])
+    train_here([f"run.dir={root / 'interleaved_one'}", "model.num_layers=4",
+                f"checkpoint.load={root / 'interleaved' / 'checkpoints' / 'step_000004'}"])
+    train_here([f"run.dir={root / 'one_from_zero1'}", f"checkpoint.load={root / 'zero1' / 'checkpoints' / 'step_000004'}"])
+    train_here([f"run.dir={root / 'ref'}", "checkpoint.every=2", "checkpoint.keep=3", "checkpoint.async_save=true"])
+    shutil.copytree(root / "ref", root / "auto")
+    (root / "auto" / "checkpoints" / "step_000008" / "COMMITTED").unlink()  # as if killed mid-save
+    train_here([f"run.dir={root / 'auto'}", "checkpoint.every=2", "checkpoint.keep=3"])
     return root
 
 
@@ -159,20 +152,13 @@ def test_auto_resume_newest_committed_and_keep(runs):
 
 
 def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
-    import torch
-
     from trainer.__main__ import main
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main(BASE + argv)
-    finally:
-        torch.set_num_threads(threads)
+    code = main(BASE + argv)
     return code, capsys.readouterr().err.strip()
 
 
-def test_bad_checkpoints_give_one_line(runs, tmp_path, capsys):
+def test_bad_checkpoints_give_one_line(runs, tmp_path, capsys, one_thread):
     good = runs / "ref" / "checkpoints" / "step_000004"
 
     def broken(name: str) -> Path:

@@ -126,3 +126,11 @@ def test_fsdp_two_processes_agree_with_one(one_process, tmp_path):
     for mine, reference in zip(sharded, one_process):
         for key in STATS:
             assert mine["layer_stats"][key] == pytest.approx(reference["layer_stats"][key], rel=1e-4), key
+
+
+def test_layer_stats_reach_wandb_as_flat_scalars():
+    from trainer.metrics import flatten_for_wandb
+
+    flat = flatten_for_wandb({"loss": 1.5, "layer_stats": {"grad_norm": [0.1, 0.2], "act_max": [3.0, 4.0]}})
+    assert flat == {"loss": 1.5, "layer_stats/grad_norm/0": 0.1, "layer_stats/grad_norm/1": 0.2,
+                    "layer_stats/act_max/0": 3.0, "layer_stats/act_max/1": 4.0}

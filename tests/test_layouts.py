@@ -61,11 +61,10 @@ LAYOUTS = {
     "tp2_sp_pp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2"]),
 }
 SLOW = {"dp2_tp2_pp2"}
-# Activation checkpointing and the fused loss/projections change what is stored and how it is computed, never
+# Activation checkpointing and the fused loss change what is stored and how it is computed, never
 # the result: same fp32 tolerances.
 FEATURE_LAYOUTS = {
-    "zero3_dp2_fused_loss_projections": (2, ["parallel.dp_shard=2", "parallel.zero=3", "train.fused_loss=true",
-                                             "train.fused_projections=true"]),
+    "zero3_dp2_fused_loss": (2, ["parallel.dp_shard=2", "parallel.zero=3", "train.fused_loss=true"]),
     "ddp2_fused_loss": (2, ["parallel.dp_replicate=2", "parallel.zero=0", "train.fused_loss=true"]),
     "zero3_dp2_selective_ac": (2, ["parallel.dp_shard=2", "parallel.zero=3", "train.activation_checkpointing=selective"]),
     "tp2_pp2_full_ac_every2": (4, ["parallel.tp=2", "parallel.pp=2", "train.activation_checkpointing=full",

@@ -1,5 +1,5 @@
 """Roofline report: kernel classes and bounds against given roofs, FLOPs against the model's count, the
-diagnosis of injected slowdowns, time shares adding up to the step, the report and trace files, and a
+diagnosis of injected slowdowns and of each signature's threshold, time shares adding up to the step, the report and trace files, and a
 synthetic GPU trace for the device-timeline rules (overlap, idle after syncs, data gaps)."""
 import gzip
 import json
@@ -16,10 +16,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from models import count_params, flops_per_token
 from trainer.config import ConfigError, load_config
 from trainer.kernel_costs import OptimizerWork, get_optimizer_work
-from trainer.roofline import get_plot_points
+from trainer.roofline import diagnose, get_plot_points
 from trainer.roofline import main as roofline_main
 from trainer.roofs import Roofs, get_device_name, get_roofs
-from trainer.trace_analysis import analyze_trace, classify
+from trainer.trace_analysis import CLASSES, analyze_trace, classify
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["recipe=debug", "profile.start_step=2", "profile.steps=3", "checkpoint.enabled=false", "train.val_batches=0",
@@ -187,6 +187,48 @@ def test_injected_item_in_forward_is_diagnosed_as_host_sync(tmp_path, monkeypatc
     assert not any(line.startswith("data loading") for line in report["diagnosis"])
 
 
+def neutral_analysis() -> dict:
+    """An analysis with no signature: no idle, few long kernels, no class past its threshold."""
+    return {"classes": {c: {"share": 0.0, "roof_fraction": None, "tflops": None, "roof_tflops": None, "bound": None}
+                        for c in CLASSES},
+            "idle": {k: {"share": 0.0} for k in ("data_loading", "host_sync", "host_other")},
+            "syncs_in_train_step_per_step": 0, "kernels": {"per_step": 10, "median_us": 100.0},
+            "htod": {"per_step": 0, "time_ms": 0.0, "pageable": False}, "window_ms": 10.0,
+            "communication": {"exposed_ms": 0.0, "total_ms": 0.0}}
+
+
+GPU_SETTINGS = {"device": "cuda", "compile": False, "precision": "bf16", "fused_loss": False, "optim_fused": False}
+
+
+@pytest.mark.parametrize("signature, key, inject", [
+    ("data loading", "data.synthetic=true", lambda a: a["idle"]["data_loading"].update(share=0.2)),
+    ("host sync", "log.every", lambda a: a.update(syncs_in_train_step_per_step=2)),
+    ("host overhead", "train.compile=true", lambda a: a["idle"]["host_other"].update(share=0.2)),
+    ("many tiny kernels", "train.compile=true", lambda a: a["kernels"].update(per_step=2000, median_us=4.0)),
+    ("host-to-device copies", "non_blocking=True", lambda a: a["htod"].update(per_step=2, time_ms=0.5, pageable=True)),
+    ("communication not overlapped", "parallel.zero=2", lambda a: a["classes"]["communication"].update(share=0.3)),
+    ("matmuls at 20% of their roof", "train.precision=fp8", lambda a: a["classes"]["matmul"].update(
+        share=0.6, roof_fraction=0.2, tflops=100.0, roof_tflops=500.0)),
+    ("memory-bound norm/elementwise", "train.compile=true",
+     lambda a: a["classes"]["norm/elementwise"].update(share=0.3, bound="memory")),
+    ("loss is 20%", "train.fused_loss=true", lambda a: a["classes"]["loss"].update(share=0.2)),
+    ("optimizer is 20%", "optim.fused=true", lambda a: a["classes"]["optimizer"].update(share=0.2)),
+])
+def test_each_signature_is_diagnosed_naming_its_key(signature, key, inject):
+    analysis = neutral_analysis()
+    assert diagnose(analysis, GPU_SETTINGS)[0].startswith("no classic signature")
+    inject(analysis)
+    lines = diagnose(analysis, GPU_SETTINGS)
+    assert len(lines) == 1 and lines[0].startswith(signature) and key in lines[0], lines
+
+
+def test_diagnosis_is_strongest_first():
+    analysis = neutral_analysis()
+    analysis["idle"]["data_loading"]["share"] = 0.15
+    analysis["classes"]["loss"]["share"] = 0.4
+    assert [line.split(" ")[0] for line in diagnose(analysis, GPU_SETTINGS)] == ["loss", "data"]
+
+
 def test_window_beyond_the_run_is_refused():
     with pytest.raises(ConfigError, match="profile.start_step"):
         load_config(["recipe=debug", "train.steps=5", "profile.trace=true"])
@@ -282,3 +324,5 @@ def test_two_processes_rank0_reports_with_a_straggler_line(tmp_path, one_thread)
     assert all(r["step_ms"] > 0 and r["busy_ms"] > 0 for r in report["ranks"])
     assert (tmp_path / "run" / "profile" / "trace_rank1.json.gz").is_file()
     assert report["analysis"]["classes"]["communication"]["time_ms"] > 0  # gloo collectives seen on CPU
+    md = (tmp_path / "run" / "roofline" / "roofline.md").read_text()
+    assert "| matmul |" in md and "## Ranks" in md and "\n| 1 | " in md, md

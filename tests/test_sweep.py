@@ -3,7 +3,6 @@ a real two-layout CPU sweep with a failed and a rejected point, and PNG reports 
 import csv
 import json
 import math
-import sys
 import types
 from pathlib import Path
 
@@ -16,15 +15,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_planner(layouts: list[dict]):
-    """A stand-in for parallel/plan.py with the agreed interface; records what it was asked."""
+def fake_planner(layouts: list[dict], predict_layout=None):
+    """A stand-in for parallel/plan.py's interface (ranked layouts, one layout's figures); records what it was asked."""
     calls = []
 
     def plan_layouts(cfg, *, world_size, gpu):
         calls.append((cfg.model.dim, world_size, gpu))
         return layouts
 
-    return types.SimpleNamespace(plan_layouts=plan_layouts), calls
+    return types.SimpleNamespace(plan_layouts=plan_layouts, predict_layout=predict_layout), calls
 
 
 def prediction(overrides, *, fits=True, mem=0.5, step=0.02, tokens=20000.0):
@@ -62,7 +61,7 @@ def test_multirun_rejects_points_the_validator_rejects(tmp_path, capsys, monkeyp
         priced.append((degrees["tp"], degrees["dp_shard"], gpu))
         return prediction([], step=0.1 * degrees["tp"])
 
-    monkeypatch.setitem(sys.modules, "parallel.plan", types.SimpleNamespace(predict_layout=predict_layout))
+    monkeypatch.setattr(sweep, "planner", fake_planner([], predict_layout)[0])
     results = sweep.sweep(["recipe=debug", "nproc=2", "steps=4", f"out={tmp_path}", "dry_run=true", "gpu=H200",
                            "-m", "parallel.tp=1,2", "parallel.dp_shard=2,1"])
     assert [r["status"] for r in results] == ["planned", "rejected", "rejected", "planned"]
@@ -82,7 +81,7 @@ def test_top_k_takes_the_planners_fitting_layouts(tmp_path, monkeypatch):
         prediction(["parallel.tp=3"]),  # the planner's word does not bypass the validator
         prediction(["parallel.dp_shard=2"], step=0.03),
     ])
-    monkeypatch.setitem(sys.modules, "parallel.plan", planner)
+    monkeypatch.setattr(sweep, "planner", planner)
     results = sweep.sweep(["recipe=debug", "nproc=2", "steps=4", f"out={tmp_path}", "top=3", "gpu=H100", "dry_run=true"])
     assert calls and calls[0] == (64, 2, "H100")
     assert [(r["layout"], r["status"]) for r in results] == [
@@ -97,8 +96,8 @@ def test_top_k_takes_the_planners_fitting_layouts(tmp_path, monkeypatch):
 def test_cpu_sweep_measures_records_failures_and_reports(tmp_path, monkeypatch):
     """Two real layouts (1 and 2 processes), one point that fails at run time, one the validator rejects."""
     monkeypatch.chdir(ROOT)  # the points run `-m trainer.bench` from here, with the repository's data cache
-    planner, _ = fake_planner([prediction(["parallel.dp_shard=2"], mem=0.4, step=0.05)])
-    monkeypatch.setitem(sys.modules, "parallel.plan", planner)
+    planner, _ = fake_planner([], lambda cfg, degrees, *, gpu: prediction([], mem=0.4, step=0.05 * degrees["dp_shard"]))
+    monkeypatch.setattr(sweep, "planner", planner)
     out = tmp_path / "sweep"
     layouts = "nproc=1;dp_shard=2;nproc=1,data.dataset=/no/such/corpus;tp=3"
     results = sweep.sweep(["recipe=debug", "nproc=2", "steps=4", f"out={out}", f"layouts={layouts}", "gpu=fake",
@@ -113,7 +112,7 @@ def test_cpu_sweep_measures_records_failures_and_reports(tmp_path, monkeypatch):
     # Same data, same global batch: the layout does not change the loss.
     assert float(rows[0]["final_loss"]) == pytest.approx(float(rows[1]["final_loss"]), abs=2e-3)
     assert rows[0]["nproc"] == "1" and rows[1]["nproc"] == "2"
-    assert rows[0]["pred_step_s"] == "" and float(rows[1]["pred_step_s"]) == 0.05  # matched by layout and nproc
+    assert float(rows[0]["pred_step_s"]) == 0.05 and float(rows[1]["pred_step_s"]) == 0.1  # each point's own layout
     assert "no such" in rows[2]["error"] and "WORLD_SIZE=2" in rows[3]["error"]
 
     written = report.report(out)

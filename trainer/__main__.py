@@ -21,17 +21,13 @@ def main(argv: list[str]) -> int:
         from trainer.train import train
 
         train(cfg)
-    except ConfigError as exc:
-        if get_env().is_main:  # every rank finds the same error; one line is enough
+    except (ConfigError, NonFiniteError) as exc:
+        if get_env().is_main:  # every rank finds the same error (or stops at the same step); one line is enough
             print(f"error: {exc}", file=sys.stderr)
         else:
             # torchrun stops all workers when the first one exits: give rank 0 the time to print the line.
             time.sleep(LINE_GRACE_S)
-        return 2
-    except NonFiniteError as exc:
-        if get_env().is_main:  # every rank stops at the same step
-            print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     return 0
 
 

@@ -88,9 +88,8 @@ class TrainConfig:
     ac_every: int = 1  # checkpoint every k-th block
     compile: bool = False
     attention_backend: str = "auto"
-    # Memory levers, off by default: on the H200 each cost ~1-1.5 % of bf16 throughput (docs/performance.md).
+    # A memory lever, off by default: on the H200 it cost 1.6 % of bf16 throughput (docs/performance.md).
     fused_loss: bool = False  # cross entropy fused with the output layer, in chunks (no logits); not under tp/pp
-    fused_projections: bool = False  # q/k/v and gate/up as one matmul each; ignored under tp and fp8
 
 
 @dataclass

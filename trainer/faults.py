@@ -36,13 +36,12 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
+from parallel.materialize import get_clean_name
 from trainer.config import ConfigError, FaultConfig
 from trainer.env import Env
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 WATCHDOG_EXIT_CODE = 1
-# Activation checkpointing's wrapper adds a level to module paths; the model's own names leave it out.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.",)
 
 
 class NonFiniteError(RuntimeError):
@@ -71,12 +70,6 @@ def get_module_order(model_cfg) -> list[str]:
 
     visit(model, "")
     return order + [""]
-
-
-def clean_module_name(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 def _is_finite(output) -> bool:
@@ -223,7 +216,7 @@ class NonfiniteGuard:
         self.pending.append((step, bad, position))
         if not self.on_device:
             self.check()  # one scalar read per step (see the module docstring)
-            return not self.skipped_steps or self.skipped_steps[-1] != step
+            return self.in_a_row == 0  # check() just counted this step: 0 unless it was non-finite
         if self._in_a_row is None:
             self._in_a_row = torch.zeros((), dtype=torch.int32, device=bad.device)
             self._frozen = torch.zeros((), dtype=torch.bool, device=bad.device)
@@ -290,9 +283,9 @@ class NonfiniteGuard:
                     first.append(name)
             return record
 
-        handles = [module.register_forward_hook(hook(clean_module_name(name)))
+        handles = [module.register_forward_hook(hook(get_clean_name(name)))
                    for model in self.models for name, module in model.named_modules()
-                   if clean_module_name(name) in index]
+                   if get_clean_name(name) in index]
         try:
             # Hooks with data-dependent checks do not trace: run compiled blocks eagerly for this once.
             with torch.compiler.set_stance("force_eager"):
@@ -339,7 +332,7 @@ class FaultInjector:
             return
         for model in models:  # under pipeline parallelism only the stage that holds the module has it
             for name, module in model.named_modules():
-                if clean_module_name(name) == self.cfg.inject_module:
+                if get_clean_name(name) == self.cfg.inject_module:
                     module.register_forward_hook(self._write_nan)
                     self.hooked = True
 

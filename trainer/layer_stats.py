@@ -5,7 +5,7 @@ parameter norm and update/parameter ratio ||theta_after - theta_before|| / ||the
 the optimizer step, and the RMS and max |x| of the block's output over every micro-batch of the
 step (so the figures do not depend on the layout's micro-batching). Written to metrics.jsonl as
 {"step": S, "layer_stats": {"grad_norm": [...], "param_norm": [...], "update_ratio": [...],
-"act_rms": [...], "act_max": [...]}} (trainer/report.py draws it) and, flattened, to wandb.
+"act_rms": [...], "act_max": [...]}} (trainer/report.py draws it) and to wandb (flattened by MetricsLogger).
 
 Cost: nothing off a stats step. On one, a copy of the parameters (this rank's shards), a probe
 around each block from the step's start to the end of its backward (the block itself is not touched,
@@ -25,6 +25,12 @@ from torch.distributed.tensor import DTensor, Replicate
 
 STATS = ("grad_norm", "param_norm", "update_ratio", "act_rms", "act_max")
 GRAD_SQ, PARAM_SQ, DELTA_SQ, ACT_SQ, ACT_COUNT = range(5)
+
+
+def _mesh_replicas(tensor: DTensor) -> int:
+    """How many ranks of its mesh hold the same values as this rank's local part."""
+    mesh = tensor.device_mesh
+    return math.prod(mesh.size(d) for d, p in enumerate(tensor.placements) if not p.is_shard())
 
 
 class _BlockProbe(nn.Module):
@@ -56,10 +62,8 @@ class LayerStats:
 
     def _weight(self, tensor: torch.Tensor) -> float:
         """1 / the number of ranks holding the same values as this rank's local part of `tensor`."""
-        if isinstance(tensor, DTensor):
-            mesh = tensor.device_mesh
-            replicas = math.prod(mesh.size(d) for d, p in enumerate(tensor.placements) if not p.is_shard())
-            return 1.0 / (replicas * (self.world_size // (self.pp * mesh.size())))
+        if isinstance(tensor, DTensor):  # copies within its mesh, times the meshes its pipeline stage holds
+            return 1.0 / (_mesh_replicas(tensor) * (self.world_size // (self.pp * tensor.device_mesh.size())))
         return 1.0 / (self.world_size // self.pp)  # whole on every rank of its pipeline stage
 
     @staticmethod
@@ -94,9 +98,7 @@ class LayerStats:
     @torch.no_grad()
     def _record_activation(self, index: int, out: torch.Tensor) -> None:
         if isinstance(out, DTensor):  # copies only within its mesh: other data-parallel ranks hold other samples
-            mesh = out.device_mesh
-            weight = 1.0 / math.prod(mesh.size(d) for d, p in enumerate(out.placements) if not p.is_shard())
-            local = out.to_local()
+            weight, local = 1.0 / _mesh_replicas(out), out.to_local()
         else:
             weight, local = 1.0 / self.activation_replicas, out
         self.sums[ACT_SQ, index] += torch.linalg.vector_norm(local, dtype=torch.float32).double() ** 2 * weight
@@ -140,12 +142,6 @@ class LayerStats:
             "act_max": maxes,
         }
         self.logger.log(self.step, self.total_steps, {"layer_stats": stats}, show=False)
-        if getattr(self.logger, "wandb", None) is not None:  # flat scalars chart in wandb; lists do not
-            try:
-                self.logger.wandb.log({f"layer_stats/{key}/{i}": v for key, values in stats.items()
-                                       for i, v in enumerate(values)}, step=self.step)
-            except Exception as exc:  # a wandb failure never stops training
-                self.logger.info(f"wandb: layer stats not logged ({exc})")
         return stats
 
 

@@ -11,6 +11,19 @@ import time
 from pathlib import Path
 
 
+def flatten_for_wandb(metrics: dict) -> dict:
+    """Nested dicts and lists as 'key/sub/i' scalars: wandb charts scalars, not lists."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(flatten_for_wandb({f"{key}/{k}": v for k, v in value.items()}))
+        elif isinstance(value, list):
+            flat.update(flatten_for_wandb({f"{key}/{i}": v for i, v in enumerate(value)}))
+        else:
+            flat[key] = value
+    return flat
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -59,7 +72,7 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             try:
-                self.wandb.log(metrics, step=step)
+                self.wandb.log(flatten_for_wandb(metrics), step=step)
             except Exception as exc:  # a wandb failure never stops training
                 self.info(f"wandb: logging failed ({exc}); continuing without it")
                 self.wandb = None

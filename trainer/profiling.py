@@ -16,7 +16,6 @@ Costs one comparison per step when every switch is off. Must not hold trace anal
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -150,13 +149,10 @@ class Profiler:
             if self.cfg.profile.trace:
                 self._roofline(trace_path, seconds)
             else:
-                handle, temporary = tempfile.mkstemp(suffix=".json", prefix=f"ridgeline_trace_rank{rank}_")
-                os.close(handle)
-                try:
-                    self.prof.export_chrome_trace(temporary)
-                    self._roofline(Path(temporary), seconds)
-                finally:
-                    os.unlink(temporary)
+                with tempfile.TemporaryDirectory(prefix="ridgeline_trace_") as temporary:
+                    trace_path = Path(temporary) / f"trace_rank{rank}.json"
+                    self.prof.export_chrome_trace(str(trace_path))
+                    self._roofline(trace_path, seconds)
         self.prof = None
 
     def _roofline(self, trace_path: Path, seconds: float) -> None:
@@ -178,7 +174,7 @@ class Profiler:
             return
         settings = {"device": env.device.type, "recipe": cfg.recipe, "world_size": env.world_size,
                     "precision": cfg.train.precision, "compile": cfg.train.compile,
-                    "fused_loss": getattr(cfg.train, "fused_loss", None), "optim_fused": cfg.optim.fused}
+                    "fused_loss": cfg.train.fused_loss, "optim_fused": cfg.optim.fused}
         tokens = cfg.train.global_batch_size * cfg.train.seq_len
         # This rank's share of the model's FLOPs: the layouts split the work evenly (pipeline stages roughly).
         model_flops = flops_per_token(cfg.model, cfg.train.seq_len) * tokens / env.world_size

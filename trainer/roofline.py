@@ -20,9 +20,12 @@ optimizer (>= 10%). Must not hold the profiling window or the trace parsing.
 from __future__ import annotations
 
 import json
+import runpy
 import sys
 from pathlib import Path
 
+from trainer.config import ConfigError, load_config
+from trainer.report import markdown_table
 from trainer.roofs import Roofs
 from trainer.trace_analysis import CLASSES
 
@@ -41,7 +44,7 @@ def _pct(x: float) -> str:
 
 def diagnose(analysis: dict, settings: dict) -> list[str]:
     """Classic profiler signatures, one line each, strongest first. `settings`: device ('cuda'|'cpu'),
-    compile, precision, fused_loss (None where the key does not exist), optim_fused."""
+    compile, precision, fused_loss, optim_fused."""
     found: list[tuple[float, str]] = []
     classes, idle = analysis["classes"], analysis["idle"]
     gpu = settings["device"] == "cuda"
@@ -71,6 +74,7 @@ def diagnose(analysis: dict, settings: dict) -> list[str]:
         found.append((other, f"host overhead: {_pct(other)} of the step is {what}; {fewer_kernels}"))
     kernels = analysis["kernels"]
     if kernels["median_us"] < TINY_KERNEL_US and kernels["per_step"] >= TINY_KERNELS_PER_STEP:
+        # Ranked with the host overhead it causes: its own time is already in the classes.
         found.append((other, f"many tiny kernels: {kernels['per_step']:,.0f} per step, median "
                              f"{kernels['median_us']:.1f} us, so launch and dispatch costs dominate; {fewer_kernels}"))
     htod = analysis["htod"]
@@ -104,7 +108,7 @@ def diagnose(analysis: dict, settings: dict) -> list[str]:
                                             f"step; {fix}"))
     loss = classes["loss"]["share"]
     if loss >= LOSS_SHARE:
-        if settings.get("fused_loss"):
+        if settings["fused_loss"]:
             fix = "train.fused_loss is on; " + ("train.compile=true compiles its per-chunk kernel" if not settings["compile"]
                                                else "what is left is the softmax over model.vocab_size")
         else:
@@ -112,7 +116,7 @@ def diagnose(analysis: dict, settings: dict) -> list[str]:
         found.append((loss, f"loss is {_pct(loss)} of the step; {fix}"))
     optimizer = classes["optimizer"]["share"]
     if optimizer >= OPTIMIZER_SHARE:
-        fix = "optim.fused=true" if gpu and not settings.get("optim_fused") else \
+        fix = "optim.fused=true" if gpu and not settings["optim_fused"] else \
             "more tokens per step (train.global_batch_size) amortise it"
         found.append((optimizer, f"optimizer is {_pct(optimizer)} of the step; {fix}"))
     found.sort(key=lambda item: -item[0])
@@ -151,31 +155,24 @@ def build_report(analysis: dict, *, roofs: Roofs, settings: dict, measured_step_
     }
 
 
-def _fmt(x, spec: str = ".3g") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def format_table(report: dict) -> list[str]:
     """The per-class table (markdown, also readable on a console)."""
     a = report["analysis"]
-    lines = ["| class | ms/step | share | kernels/step | GFLOP/step | GB/step | FLOP/B | TFLOP/s | TB/s "
-             "| roof TFLOP/s | % of roof | bound |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    header = ["class", "ms/step", "share", "kernels/step", "GFLOP/step", "GB/step", "FLOP/B", "TFLOP/s", "TB/s",
+              "roof TFLOP/s", "% of roof", "bound"]
+    rows = []
     for name in sorted(CLASSES, key=lambda c: -a["classes"][c]["time_ms"]):
         r = a["classes"][name]
         if not r["time_ms"] and not r["gflop"]:
             continue
-        percent_of_roof = None if r["roof_fraction"] is None else 100 * r["roof_fraction"]
-        lines.append(f"| {name} | {r['time_ms']:.4g} | {_pct(r['share'])} | {r['kernels_per_step']:.0f} "
-                     f"| {_fmt(r['gflop'])} | {_fmt(r['gbyte'])} | {_fmt(r['intensity'])} | {_fmt(r['tflops'])} "
-                     f"| {_fmt(r['tbps'])} | {_fmt(r['roof_tflops'])} | {_fmt(percent_of_roof, '.0f')} "
-                     f"| {r['bound'] or '-'} |")
-    idle_rows = (("data_loading", "data loading"), ("host_sync", "host sync"), ("host_other", "host overhead"))
-    for key, label in idle_rows:
-        label = f"idle: {label}"
-        lines.append(f"| {label} | {a['idle'][key]['time_ms']:.4g} | {_pct(a['idle'][key]['share'])} | | | | | | | | | |")
-    lines.append(f"| **sum** | {report['sum_ms']:.4g} | {_pct(report['sum_ms'] / a['window_ms'])} | | | | | | | | | |")
-    return lines
+        percent_of_roof = None if r["roof_fraction"] is None else round(100 * r["roof_fraction"])
+        rows.append([name, r["time_ms"], _pct(r["share"]), round(r["kernels_per_step"]), r["gflop"], r["gbyte"],
+                     r["intensity"], r["tflops"], r["tbps"], r["roof_tflops"], percent_of_roof, r["bound"]])
+    blank = [""] * (len(header) - 3)
+    for key, label in (("data_loading", "data loading"), ("host_sync", "host sync"), ("host_other", "host overhead")):
+        rows.append([f"idle: {label}", a["idle"][key]["time_ms"], _pct(a["idle"][key]["share"]), *blank])
+    rows.append(["**sum**", report["sum_ms"], _pct(report["sum_ms"] / a["window_ms"]), *blank])
+    return markdown_table(header, rows).splitlines()
 
 
 def format_summary(report: dict) -> list[str]:
@@ -252,9 +249,10 @@ def write_report(out_dir: Path, report: dict) -> list[str]:
     diagnosis = [f"- {line}" for line in report["diagnosis"]]
     ranks = []
     if len(report["ranks"]) > 1:
-        ranks = ["## Ranks", "", "| rank | step ms | busy ms | idle ms | exposed communication ms |", "|---:|---:|---:|---:|---:|",
-                 *[f"| {r['rank']} | {r['step_ms']:.4g} | {r['busy_ms']:.4g} | {r['idle_ms']:.4g} | {r['exposed_comm_ms']:.4g} |"
-                   for r in report["ranks"]], ""]
+        rank_table = markdown_table(["rank", "step ms", "busy ms", "idle ms", "exposed communication ms"],
+                                    [[r["rank"], r["step_ms"], r["busy_ms"], r["idle_ms"], r["exposed_comm_ms"]]
+                                     for r in report["ranks"]])
+        ranks = ["## Ranks", "", rank_table, ""]
     md = ["# Roofline report", "", *[f"{line}  " for line in summary], "", *table, "", "## Diagnosis", "", *diagnosis, "",
           *ranks, "Classes: trainer/trace_analysis.py; FLOP and byte estimates: trainer/kernel_costs.py; diagnosis rules: trainer/roofline.py.", ""]
     (out_dir / "roofline.md").write_text("\n".join(md))
@@ -263,27 +261,26 @@ def write_report(out_dir: Path, report: dict) -> list[str]:
     return ["roofline report:", *summary, *table, "diagnosis:", *diagnosis, f"written to {out_dir}/roofline.{{md,json,png}}"]
 
 
-def main(argv: list[str]) -> int:
-    """`python -m trainer.roofline recipe=NAME [key=value ...]`: the trainer with the report on."""
-    from trainer.config import ConfigError, load_config
-    from trainer.env import get_env
-
-    try:
-        overrides = [*argv, "profile.roofline=true"]
-        if not any(item.startswith("train.steps=") for item in argv):
-            # Read the window first (with room for it: the recipe's own steps may be fewer).
+def get_overrides(argv: list[str]) -> list[str]:
+    """`argv` with the report on and, unless given, train.steps just past the profiling window."""
+    overrides = [*argv, "profile.roofline=true"]
+    if not any(item.startswith("train.steps=") for item in argv):
+        try:  # the window first, with room for it: the recipe's own steps may be fewer
             window = load_config([*overrides, f"train.steps={2**31 - 1}"]).profile
-            overrides.append(f"train.steps={window.start_step + window.steps + 1}")
-        cfg = load_config(overrides)
-        from trainer.train import train
+        except ConfigError:
+            return overrides  # the trainer's CLI reports it
+        overrides.append(f"train.steps={window.start_step + window.steps + 1}")
+    return overrides
 
-        train(cfg)
-    except ConfigError as exc:
-        if get_env().is_main:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+def main(argv: list[str]) -> int:
+    """`python -m trainer.roofline recipe=NAME [key=value ...]`: the trainer's CLI with the report on."""
+    from trainer.__main__ import main as train_main
+
+    return train_main(get_overrides(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # The trainer's own entry point, exit handling under torchrun included.
+    sys.argv[1:] = get_overrides(sys.argv[1:])
+    runpy.run_module("trainer", run_name="__main__")

@@ -45,11 +45,9 @@ class Roofs:
         """Arithmetic intensity (FLOP/byte) where the bandwidth roof meets the compute roof."""
         return self.peak(dtype) / self.bandwidth_tbps
 
-    def attainable_tflops(self, intensity: float, dtype: str) -> float:
-        return min(self.peak(dtype), intensity * self.bandwidth_tbps)
-
 
 def get_device_name(device: torch.device) -> str:
+    """The roofs cache key: the GPU's name, or the CPU's model and thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = "cpu"

@@ -8,7 +8,7 @@ Points come from an explicit `layouts` list (";" between points, "," between key
 parallel.KEY, and `nproc` may vary per point), from a hydra-multirun-like cartesian product (`-m`, then
 `key=a,b,...`), or from the planner's top K layouts that fit (`parallel.plan.plan_layouts`). Every other
 `key=value` is an override for all points. Each point is validated for its process count first (a rejected
-point is recorded with the validator's message and not run), priced by the planner when there is one
+point is recorded with the validator's message and not run), priced by the planner for its device
 (`predict_layout` for its layout; gpu= or the local CUDA device), then runs as
 `torchrun --standalone --nproc_per_node=N -m trainer.bench ...` in its own run dir under `out`; a failure is
 recorded with its error line and the sweep goes on. Results go to out/results.json and out/results.csv,
@@ -18,7 +18,6 @@ Must not hold a training loop or a performance model: trainer/bench.py measures,
 from __future__ import annotations
 
 import csv
-import importlib
 import itertools
 import json
 import math
@@ -30,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
+from parallel import plan as planner
 from trainer.config import Config, ConfigError, load_config, validate
 
 SWEEP_KEYS = ("recipe", "nproc", "steps", "warmup", "out", "layouts", "top", "gpu", "timeout", "dry_run")
@@ -73,56 +72,21 @@ def get_label(point: list[str]) -> str:
     return ",".join(item.removeprefix("parallel.") for item in point) or "recipe"
 
 
-def matches(cfg: Config, overrides: list[str]) -> bool:
-    """Whether `cfg` already has every value in `overrides` (how a point finds its planner prediction)."""
-    tree = OmegaConf.structured(cfg)
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if key != "nproc" and OmegaConf.select(tree, key, default=None) != OmegaConf.select(OmegaConf.from_dotlist([item]), key):
-            return False
-    return True
-
-
-def get_plans(cfg: Config, world_size: int, gpu: str | None) -> list[dict] | None:
-    """The planner's ranked layouts, or None (with one line said) when it is missing or fails."""
+def get_plans(cfg: Config, world_size: int, gpu: str) -> list[dict] | None:
+    """The planner's ranked layouts, or None (with one line said) when it fails."""
     try:
-        from parallel.plan import plan_layouts
-    except ImportError as exc:
-        print(f"sweep: no planner ({exc}); no predicted figures")
-        return None
-    try:
-        return plan_layouts(cfg, world_size=world_size, gpu=gpu)
+        return planner.plan_layouts(cfg, world_size=world_size, gpu=gpu)
     except Exception as exc:  # a planner bug must not stop measurements
         print(f"sweep: planner failed ({type(exc).__name__}: {' '.join(str(exc).split())}); no predicted figures")
         return None
 
 
-class Predictor:
-    """The planner's figures for the layout a point's config has: parallel.plan.predict_layout where the
-    planner has it, else the first of plan_layouts' entries whose overrides the config already matches."""
-
-    def __init__(self, base: list[str], gpu: str):
-        self.base, self.gpu, self.ranked, self.failed = base, gpu, {}, False
-
-    def __call__(self, cfg: Config, world_size: int) -> dict | None:
-        if self.failed:
-            return None
-        try:
-            plan = importlib.import_module("parallel.plan")
-        except ImportError as exc:
-            return self._give_up(f"no planner ({exc})")
-        try:
-            if hasattr(plan, "predict_layout"):
-                return plan.predict_layout(cfg, validate(cfg, world_size), gpu=self.gpu)
-            if world_size not in self.ranked:
-                self.ranked[world_size] = plan.plan_layouts(load_for_planner(self.base, world_size), world_size=world_size, gpu=self.gpu)
-            return next((p for p in self.ranked[world_size] if matches(cfg, list(p["overrides"]))), None)
-        except Exception as exc:  # a planner bug must not stop measurements
-            return self._give_up(f"planner failed ({type(exc).__name__}: {' '.join(str(exc).split())})")
-
-    def _give_up(self, why: str) -> None:
-        print(f"sweep: {why}; no predicted figures")
-        self.failed = True
+def get_prediction(cfg: Config, world_size: int, gpu: str) -> dict | None:
+    """The planner's figures for the layout a point's config has, or None (with one line said) when it fails."""
+    try:
+        return planner.predict_layout(cfg, validate(cfg, world_size), gpu=gpu)
+    except Exception as exc:  # a planner bug must not stop measurements
+        print(f"sweep: planner failed ({type(exc).__name__}: {' '.join(str(exc).split())}); no predicted figures")
         return None
 
 
@@ -216,7 +180,7 @@ def get_points(settings: dict, axes: list[str], base: list[str], nproc: int, gpu
             raise ConfigError("top=K needs gpu=NAME (the planner's device; no CUDA device here)")
         plans = get_plans(load_for_planner(base, nproc), nproc, gpu)
         if plans is None:
-            raise ConfigError("top=K needs parallel.plan.plan_layouts, which is missing or failed (see above)")
+            raise ConfigError("top=K: the planner failed (see above)")
         fitting = [p for p in plans if p.get("fits", True)]
         print(f"sweep: planner ranked {len(plans)} layouts for {nproc} x {gpu}, {len(fitting)} fit; "
               f"running the top {min(top, len(fitting))}")
@@ -278,7 +242,6 @@ def sweep(argv: list[str]) -> list[dict]:
     points = get_points(settings, axes, base, nproc, gpu)
     if not points:
         raise ConfigError("no points to run")
-    predictor = Predictor(base, gpu) if gpu is not None else None
 
     out.mkdir(parents=True, exist_ok=True)
     header = {"recipe": recipe, "nproc": nproc, "steps": steps, "warmup": warmup, "gpu": gpu, "overrides": base}
@@ -299,8 +262,8 @@ def sweep(argv: list[str]) -> list[dict]:
             print(f"[{index + 1}/{len(points)}] {label}: rejected: {exc}")
             write_results(out, header, results)
             continue
-        if prediction is None and predictor is not None:
-            prediction = predictor(cfg, point_nproc)
+        if prediction is None and gpu is not None:
+            prediction = get_prediction(cfg, point_nproc, gpu)
         for key in PREDICTION_KEYS:
             result[key] = prediction.get(key) if prediction else None
         if dry_run:

@@ -108,7 +108,6 @@ class ClassTotals:
     flops_by_dtype: dict = field(default_factory=lambda: defaultdict(float))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Trace reading
 

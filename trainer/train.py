@@ -274,6 +274,7 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
         if preempted:
             if checkpointer.saving and not checkpointer.is_due(step):
                 checkpointer.save(step)
+            profiler.close(step)
             checkpointer.close()
             saved = f"checkpoint saved to {get_checkpoint_dir(run_dir, step)}" if checkpointer.saving else \
                 "checkpoint.enabled=false, nothing saved"
