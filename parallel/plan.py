@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+from parallel.mesh import AXES
 from parallel.plan_model import GPUS, Knobs, Layout, ModelShape, get_gpu_key, get_knobs, predict
 from trainer.config import Config, ConfigError, get_microbatches, load_config, validate
 
 AC_MODES = ("none", "selective", "full")
-AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 PLAN_KEYS = ("recipe", "world_size", "gpu", "gpus_per_node", "top", "json", "calib")
 MEASURED_AFTER_STEP = 20
 MAX_MICRO_TOKENS = 2**16
@@ -219,8 +219,7 @@ def _record_config(record: dict, cache: dict) -> Config:
         seq_len=int(record.get("seq_len", cfg.train.seq_len)), precision=record.get("precision", cfg.train.precision),
         compile=bool(record.get("compile", cfg.train.compile)),
         activation_checkpointing=record.get("activation_checkpointing", cfg.train.activation_checkpointing),
-        fused_loss=bool(record.get("fused_loss", cfg.train.fused_loss)),
-        fused_projections=bool(record.get("fused_projections", cfg.train.fused_projections)))
+        fused_loss=bool(record.get("fused_loss", cfg.train.fused_loss)))
     return dataclasses.replace(cfg, train=train)
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from models import count_params, flops_per_token
 from models.loss import CHUNK_ELEMENTS
 from parallel.float8 import MIN_FP8_DIM
+from parallel.pipeline import get_bubble_fraction, get_stage_ids, get_stage_layers
+from trainer.env import PEAK_BF16_TFLOPS
 
 GIB = 2**30
 
@@ -37,14 +39,14 @@ class GPU:
     fused_rms_norm: bool = True  # torch.rms_norm is one kernel that saves input and rstd (CUDA); else composite ops
 
 
-# Sources in docs/planner.md. The H200 here measured ~790 TFLOP/s on a bf16 matmul; the table keeps the
-# datasheet 989, which is also what trainer/env.py divides by for MFU, so calibrated MFUs carry over. Hopper's
+# Sources in docs/planner.md. The H200 here measured ~790 TFLOP/s on a bf16 matmul; the bf16 peaks are
+# trainer/env.py's datasheet figures, the ones it divides by for MFU, so calibrated MFUs carry over. Hopper's
 # 0.60: the H200 bench_1b trace spends 220 ms computing 1.29e5 GFLOP per step (docs/roofline/h200_bench_1b_bf16.md).
 GPUS = {
-    "h100": GPU("H100 SXM 80GB", 989.0, 1979.0, 67.0, 79.1, 3.35, 450.0, 50.0, 0.60),
-    "h200": GPU("H200 SXM 141GB", 989.0, 1979.0, 67.0, 139.7, 4.8, 450.0, 50.0, 0.60),
-    "a100": GPU("A100 SXM 80GB", 312.0, None, 19.5, 79.1, 2.04, 300.0, 25.0, 0.50),
-    "b200": GPU("B200 180GB", 2250.0, 4500.0, 75.0, 178.4, 8.0, 900.0, 50.0, 0.50),
+    "h100": GPU("H100 SXM 80GB", PEAK_BF16_TFLOPS["H100"], 1979.0, 67.0, 79.1, 3.35, 450.0, 50.0, 0.60),
+    "h200": GPU("H200 SXM 141GB", PEAK_BF16_TFLOPS["H200"], 1979.0, 67.0, 139.7, 4.8, 450.0, 50.0, 0.60),
+    "a100": GPU("A100 SXM 80GB", PEAK_BF16_TFLOPS["A100"], None, 19.5, 79.1, 2.04, 300.0, 25.0, 0.50),
+    "b200": GPU("B200 180GB", PEAK_BF16_TFLOPS["B200"], 4500.0, 75.0, 178.4, 8.0, 900.0, 50.0, 0.50),
     # A nominal host for CPU runs (gloo over shared memory): placeholders to calibrate, not measurements.
     # Memory there is the process's peak RSS, which includes the Python and torch libraries.
     "cpu": GPU("CPU (nominal)", 0.2, None, 0.2, 64.0, 0.05, 5.0, 1.25, 0.30, mem_overhead_gb=0.35, untracked_gb=0.0,
@@ -113,7 +115,7 @@ class ModelShape:
         self.kv_dim, self.ffn, self.vocab = m.num_kv_heads * m.head_dim, m.ffn_dim, m.vocab_size
         self.seq, self.batch = t.seq_len, t.global_batch_size
         self.precision, self.compile = t.precision, t.compile
-        self.fused_loss, self.fused_projections = t.fused_loss, t.fused_projections
+        self.fused_loss = t.fused_loss
         self.ac_every = t.ac_every
         d, kv, f = self.dim, self.kv_dim, self.ffn
         # (fan_in, fan_out) of each block linear; parallel/float8.py's should_convert picks the float8 ones.
@@ -121,8 +123,7 @@ class ModelShape:
                         "w2": (f, d)}
         self.fp8_linears = frozenset(name for name, dims in self.linears.items()
                                      if min(dims) >= MIN_FP8_DIM and all(n % 16 == 0 for n in dims))
-        self.qkv_params, self.wo_params, self.w13_params, self.w2_params = d * (d + 2 * kv), d * d, 2 * d * f, d * f
-        self.matmul_params = self.qkv_params + self.wo_params + self.w13_params + self.w2_params
+        self.matmul_params = sum(fan_in * fan_out for fan_in, fan_out in self.linears.values())
         self.layer_params = self.matmul_params + 2 * d  # + the two norms
         self.embedding_params = m.vocab_size * d + (m.max_seq_len * d if m.pos_encoding == "learned" else 0)
         self.output_params = 0 if m.tie_embeddings else m.vocab_size * d
@@ -132,33 +133,6 @@ class ModelShape:
         self.flops_per_token = flops_per_token(m, self.seq)
         assert math.isclose(self.layers * self.layer_flops + self.head_flops, self.flops_per_token)
         self.compute_bytes = 4 if self.precision == "fp32" else 2
-
-
-def get_stage_layer_counts(num_layers: int, num_stages: int) -> list[int]:
-    """Layers per stage as parallel/pipeline.py splits them: contiguous, earlier stages take the remainder."""
-    base, extra = divmod(num_layers, num_stages)
-    return [base + (1 if s < extra else 0) for s in range(num_stages)]
-
-
-def get_rank_stages(rank: int, layout: Layout) -> list[int]:
-    if layout.pp_schedule == "zbv":
-        return [rank, 2 * layout.pp - 1 - rank]
-    return [rank + k * layout.pp for k in range(layout.virtual_stages)]
-
-
-def get_bubble(schedule: str, pp: int, microbatches: int, virtual_stages: int) -> tuple[float, float]:
-    """(bubble as the issue states it, pipeline time over ideal compute time).
-
-    GPipe/1F1B: (p-1)/(m+p-1), the idle share of the step, so time = ideal x (m+p-1)/m. Interleaved:
-    (p-1)/(v m), bubble time over ideal compute (Narayanan et al. 2021), so time = ideal x (1 + (p-1)/(v m)).
-    The zero-bubble schedules are priced as interleaved 1F1B: an upper bound.
-    """
-    if pp == 1:
-        return 0.0, 1.0
-    if schedule in ("gpipe", "1f1b"):
-        return (pp - 1) / (microbatches + pp - 1), (microbatches + pp - 1) / microbatches
-    ratio = (pp - 1) / (virtual_stages * microbatches)
-    return ratio, 1.0 + ratio
 
 
 def get_in_flight(layout: Layout, rank: int) -> int:
@@ -179,19 +153,13 @@ def get_in_flight(layout: Layout, rank: int) -> int:
 
 @dataclass(frozen=True)
 class BlockSetup:
-    """How a block runs in one layout: which projections are one matmul, which linears are float8."""
+    """How a block runs in one layout: which of its linears are float8."""
 
-    fused_qkv: bool
-    fused_w13: bool
     fp8: frozenset[str]
 
 
-def get_block_setup(shape: ModelShape, tp: int) -> BlockSetup:
-    """parallel/ unfuses under TP, and unfuses a module (Attention, FeedForward) holding a float8 linear."""
-    fp8 = shape.fp8_linears if shape.precision == "fp8" else frozenset()
-    fused = shape.fused_projections and tp == 1
-    return BlockSetup(fused_qkv=fused and not fp8 & {"wq", "wk", "wv", "wo"},
-                      fused_w13=fused and not fp8 & {"w1", "w2", "w3"}, fp8=fp8)
+def get_block_setup(shape: ModelShape) -> BlockSetup:
+    return BlockSetup(fp8=shape.fp8_linears if shape.precision == "fp8" else frozenset())
 
 
 def get_layer_activation_bytes(shape: ModelShape, layout: Layout, block: BlockSetup, *, residual_bytes: int,
@@ -206,15 +174,14 @@ def get_layer_activation_bytes(shape: ModelShape, layout: Layout, block: BlockSe
     d, kv, f, a, r, tp = shape.dim, shape.kv_dim, shape.ffn, shape.compute_bytes, residual_bytes, layout.tp
     seq_split = tp if layout.sequence_parallel else 1
     # SDPA keeps q and k after RoPE, v, out and the logsumexp; GQA runs inside SDPA (enable_gqa), so k and
-    # v keep their kv heads. A fused q/k/v output stays whole, since v is a view of it.
-    v_bytes = a * (d + 2 * kv) if block.fused_qkv else a * kv
-    attention = (2 * a * d + a * kv + v_bytes + 4 * shape.heads) / tp
+    # v keep their kv heads.
+    attention = (2 * a * d + 2 * a * kv + 4 * shape.heads) / tp
     rstd = 2 * 4 / seq_split
     if eager:
         # RMSNorm: its input (and, composite, the normalised input) per norm. The q/k/v and gate/up inputs in the
-        # compute dtype; autocast (and a float8 linear's own cast) makes one copy per unfused linear over fp32.
+        # compute dtype; autocast (and a float8 linear's own cast) makes one copy per linear over fp32.
         norms = (2 if fused_norm else 4) * r * d / seq_split
-        copies = (1 if block.fused_qkv else 3) + (1 if block.fused_w13 else 2) if r != a else 2
+        copies = 5 if r != a else 2  # wq, wk, wv; w1, w3
         ffn = 4 * a * f / tp  # gate, up, silu(gate), their product
         return norms + copies * a * d + attention + ffn + rstd
     residual = (r * d + a * d) / seq_split  # block input; wo's output rebuilds the mid-block residual
@@ -224,23 +191,23 @@ def get_layer_activation_bytes(shape: ModelShape, layout: Layout, block: BlockSe
     return residual + qkv_input + w13_input + attention + ffn + rstd
 
 
-def get_block_matmuls(shape: ModelShape, layout: Layout, block: BlockSetup) -> list[tuple[float, int]]:
-    """(output bytes per token on one tp rank, weight params) of each matmul, in the order the block runs them."""
+def get_block_matmuls(shape: ModelShape, layout: Layout) -> list[tuple[float, int]]:
+    """(output bytes per token on one tp rank, weight params) of wq, wk, wv, wo, w1, w3, w2: the order the block
+    runs them in."""
     d, kv, f, a, tp = shape.dim, shape.kv_dim, shape.ffn, shape.compute_bytes, layout.tp
     seq_split = tp if layout.sequence_parallel else 1
-    qkv = ([(a * (d + 2 * kv), shape.qkv_params)] if block.fused_qkv else
-           [(a * d / tp, d * d), (a * kv / tp, d * kv), (a * kv / tp, d * kv)])
-    w13 = [(2 * a * f, shape.w13_params)] if block.fused_w13 else [(a * f / tp, d * f), (a * f / tp, d * f)]
-    return [*qkv, (a * d / seq_split, shape.wo_params), *w13, (a * d / seq_split, shape.w2_params)]
+    return [(a * d / tp, d * d), (a * kv / tp, d * kv), (a * kv / tp, d * kv), (a * d / seq_split, d * d),
+            (a * f / tp, d * f), (a * f / tp, d * f), (a * d / seq_split, f * d)]
 
 
-def get_selective_bytes(shape: ModelShape, layout: Layout, block: BlockSetup, *, residual_bytes: int,
+def get_selective_bytes(shape: ModelShape, layout: Layout, *, residual_bytes: int,
                         eager: bool) -> tuple[float, int]:
     """(bytes per token per layer, recomputed matmul params) under parallel/activation_checkpoint.py's
-    selective policy: the block input, SDPA's outputs, and the 1st, 3rd, ... matmul outputs. Compiled, an
-    output no backward op reads is not kept: the block's last matmul (w2) only feeds the residual add."""
+    selective policy: the block input, SDPA's outputs, and the 1st, 3rd, ... matmul outputs (wq, wv, w1, w2;
+    wk, wo, w3 are recomputed). Compiled, an output no backward op reads is not kept: w2's only feeds the
+    residual add."""
     d, a, tp = shape.dim, shape.compute_bytes, layout.tp
-    matmuls = get_block_matmuls(shape, layout, block)
+    matmuls = get_block_matmuls(shape, layout)
     kept = [i for i in range(0, len(matmuls), 2) if eager or i < len(matmuls) - 1]
     saved = sum(matmuls[i][0] for i in kept)
     recomputed = sum(params for i, (_, params) in enumerate(matmuls) if i % 2 == 1)
@@ -249,14 +216,12 @@ def get_selective_bytes(shape: ModelShape, layout: Layout, block: BlockSetup, *,
 
 
 def get_weight_copy_bytes(shape: ModelShape, layout: Layout, block: BlockSetup, *, autocast: bool) -> float:
-    """Per layer, held from forward to backward: fused projections concatenate the q/k/v and gate/up weights
-    (in the compute dtype); autocast's compute-dtype copies of the other weights are saved by eager linears
+    """Per layer, held from forward to backward: autocast's compute-dtype weight copies, saved by eager linears
     and kept by inductor's partitioner alike. Float8 linears keep none: torchao saves the fp32 weight and
     casts it again in backward. A checkpointed block recomputes its copies (docs/planner.md)."""
-    params = get_linear_params(shape)
-    fused = ({"wq", "wk", "wv"} if block.fused_qkv else set()) | ({"w1", "w3"} if block.fused_w13 else set())
-    copied = sum(n for name, n in params.items()
-                 if name not in block.fp8 and (name in fused or autocast))
+    if not autocast:
+        return 0.0
+    copied = sum(n for name, n in get_linear_params(shape).items() if name not in block.fp8)
     return shape.compute_bytes * copied / layout.tp
 
 
@@ -341,14 +306,14 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
     mode = "none" if dp == 1 else ("ddp" if L.zero in (0, 1) else "fsdp")
     autocast = shape.precision != "fp32" and mode != "fsdp"
     residual = 4 if shape.precision == "fp32" or autocast else 2
-    block = get_block_setup(shape, tp)
+    block = get_block_setup(shape)
     eager = not shape.compile
     a, c = shape.compute_bytes, shape.compute_bytes  # activation bytes; FSDP's unsharded param bytes
     rows = shape.batch // dp
     accumulation = rows // (L.micro_batch_size * L.microbatches)
     tokens = L.micro_batch_size * shape.seq  # per micro-batch
     num_stages = p * L.virtual_stages
-    stage_layers = get_stage_layer_counts(shape.layers, num_stages)
+    stage_layers = [len(names) for names in get_stage_layers(shape.layers, num_stages)]
     layer_param = shape.matmul_params / tp + 2 * shape.dim
     full_layer = get_layer_activation_bytes(shape, L, block, residual_bytes=residual, eager=eager,
                                             fused_norm=gpu.fused_rms_norm)
@@ -356,7 +321,7 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
     if L.ac == "full":
         kept, recompute_params = residual * shape.dim / (tp if L.sequence_parallel else 1), shape.matmul_params
     elif L.ac == "selective":
-        kept, recompute_params = get_selective_bytes(shape, L, block, residual_bytes=residual, eager=eager)
+        kept, recompute_params = get_selective_bytes(shape, L, residual_bytes=residual, eager=eager)
     else:
         kept, recompute_params = full_layer, 0
     per_layer = ac_share * kept + (1 - ac_share) * full_layer
@@ -366,7 +331,7 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
 
     worst_mem, worst_time = None, None
     for rank in sorted({0, p - 1}):
-        stages = get_rank_stages(rank, L)
+        stages = get_stage_ids(rank, p, L.virtual_stages, L.pp_schedule)
         layers = sum(stage_layers[s] for s in stages)
         first, last = 0 in stages, num_stages - 1 in stages
         root = (shape.embedding_params / tp if first else 0) + ((shape.output_params / tp + shape.dim) if last else 0)
@@ -442,8 +407,9 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
             bw, _ = get_axis_bandwidth(gpu, stride, p, gpus_per_node)
             boundary = tokens * shape.dim * a / (tp if L.sequence_parallel else 1)
             t_p2p = 2 * slices * L.virtual_stages * boundary / bw
-        bubble, stretch = get_bubble(L.pp_schedule, p, L.microbatches, L.virtual_stages)
-        t_pipeline = (t_compute + t_tp + t_p2p) * stretch
+        # Zero-bubble schedules get the interleaved formula: an upper bound. Idle share b stretches time by 1/(1-b).
+        bubble = get_bubble_fraction(L.pp_schedule, p, L.microbatches, L.virtual_stages)
+        t_pipeline = (t_compute + t_tp + t_p2p) / (1 - bubble)
 
         t_dp, where = 0.0, "-"
         if mode == "ddp":

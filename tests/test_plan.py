@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from models import ModelConfig, Transformer, count_params
 from parallel.plan import PlannerCheck, apply_layout, load_calibration, main, plan_layouts, predict_layout
-from parallel.plan_model import (GPUS, BlockSetup, Knobs, Layout, ModelShape, get_block_setup, get_bubble,
+from parallel.plan_model import (GPUS, BlockSetup, Knobs, Layout, ModelShape, get_block_setup,
                                  get_layer_activation_bytes, get_model_state_bytes, get_selective_bytes,
                                  get_weight_copy_bytes, predict)
 from trainer.config import Config, ConfigError, TrainConfig, load_config, validate
@@ -101,10 +101,18 @@ def test_zero3_model_states_shrink_with_dp_shard():
 
 
 def test_bubble_formulas():
-    assert get_bubble("gpipe", 4, 8, 1) == (pytest.approx(3 / 11), pytest.approx(11 / 8))
-    assert get_bubble("1f1b", 8, 24, 1)[0] == pytest.approx(7 / 31)
-    assert get_bubble("interleaved_1f1b", 4, 8, 2) == (pytest.approx(3 / 16), pytest.approx(1 + 3 / 16))
-    assert get_bubble("1f1b", 1, 1, 1) == (0.0, 1.0)
+    """Bubble share and the time it adds over compute, TP and p2p: (p-1)/(m+p-1) and (p-1)/m for GPipe/1F1B,
+    (p-1)/(vm+p-1) and (p-1)/(vm) interleaved, nothing without pp."""
+    cfg = make_config(model=ModelConfig(vocab_size=384, dim=64, num_layers=8, num_heads=4, num_kv_heads=4,
+                                        ffn_dim=128, max_seq_len=256), global_batch_size=48, micro_batch_size=1)
+    cases = [(dict(pp=4, microbatches=8, pp_schedule="gpipe"), 3 / 11, 3 / 8),
+             (dict(pp=8, microbatches=24), 7 / 31, 7 / 24),
+             (dict(pp=4, microbatches=8, pp_schedule="interleaved_1f1b", virtual_stages=2), 3 / 19, 3 / 16),
+             (dict(), 0.0, 0.0)]
+    for kwargs, fraction, added in cases:
+        t = price(cfg, **kwargs)["breakdown"]["time"]
+        assert t["bubble_fraction"] == pytest.approx(fraction, rel=1e-3), kwargs
+        assert t["bubble"] == pytest.approx(added * (t["compute"] + t["tp_comm"] + t["pp_p2p"]), rel=1e-3), kwargs
 
 
 def test_more_microbatches_less_bubble_and_time():
@@ -248,28 +256,24 @@ def _saved_per_token(block, model: Transformer, *, autocast: bool, seq: int = 64
     return per_token, measured[2 * seq] - 2 * seq * per_token
 
 
-def _build_block(model_cfg: ModelConfig, *, fused: bool) -> tuple[Transformer, torch.nn.Module]:
+def _build_block(model_cfg: ModelConfig) -> tuple[Transformer, torch.nn.Module]:
     torch.manual_seed(0)
     model = Transformer(model_cfg)
-    for module in model.modules():
-        if hasattr(module, "fuse_projections"):
-            module.fuse_projections = fused
     return model, model.layers["0"]
 
 
-@pytest.mark.parametrize("precision,fused,kv_heads", [("fp32", True, 2), ("bf16", True, 2), ("bf16", False, 2),
-                                                      ("bf16", True, 4), ("bf16", False, 4)])
-def test_eager_activation_bytes_match_saved_tensors_on_cpu(precision, fused, kv_heads, one_thread):
+@pytest.mark.parametrize("precision,kv_heads", [("fp32", 2), ("bf16", 2), ("bf16", 4)])
+def test_eager_activation_bytes_match_saved_tensors_on_cpu(precision, kv_heads, one_thread):
     """The eager accounting per token and per layer (weight copies), against what autograd saves: GQA inside
-    SDPA (k and v not expanded), fused projections keeping the whole q/k/v output, CPU's composite RMSNorm."""
+    SDPA (k and v not expanded), one autocast copy of the input per linear, CPU's composite RMSNorm."""
     model_cfg = ModelConfig(vocab_size=384, dim=128, num_layers=1, num_heads=4, num_kv_heads=kv_heads, ffn_dim=384,
                             max_seq_len=256)
-    cfg = make_config(model=model_cfg, precision=precision, compile=False, fused_projections=fused)
-    model, block = _build_block(model_cfg, fused=fused)
+    cfg = make_config(model=model_cfg, precision=precision, compile=False)
+    model, block = _build_block(model_cfg)
     per_token, constant = _saved_per_token(block, model, autocast=precision == "bf16")
     shape, single = ModelShape(cfg), layout()
-    setup = get_block_setup(shape, 1)
-    assert (setup.fused_qkv, setup.fused_w13) == (fused, fused)
+    setup = get_block_setup(shape)
+    assert setup.fp8 == frozenset()
     residual = 4  # fp32, or bf16 autocast over fp32 parameters
     predicted = get_layer_activation_bytes(shape, single, setup, residual_bytes=residual, eager=True,
                                            fused_norm=False)  # CPU: composite RMSNorm
@@ -281,7 +285,7 @@ def test_eager_activation_bytes_match_saved_tensors_on_cpu(precision, fused, kv_
 def _partitioner_backend():
     """torch.compile through inductor's decompositions, joint-graph passes and min-cut partitioner, without its
     code generation: the tensors inductor keeps for backward, in a second instead of a C++ build (the same
-    sets as the inductor backend on these five blocks, torch 2.13 CPU, checked when this test was written)."""
+    sets as the inductor backend on these blocks, torch 2.13 CPU, checked when this test was written)."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._inductor import compile_fx
@@ -297,9 +301,8 @@ def _partitioner_backend():
                         partition_fn=compile_fx.partition_fn)
 
 
-@pytest.mark.parametrize("fused,ac,fp8", [(False, "none", False), (True, "none", False), (False, "selective", False),
-                                          (True, "selective", False), (False, "none", True)])
-def test_compiled_activation_bytes_match_the_partitioner_on_cpu(fused, ac, fp8, one_thread, monkeypatch):
+@pytest.mark.parametrize("ac,fp8", [("none", False), ("selective", False), ("none", True)])
+def test_compiled_activation_bytes_match_the_partitioner_on_cpu(ac, fp8, one_thread, monkeypatch):
     """The compiled accounting (bf16 autocast) against the tensors inductor's partitioner saves: the block input
     and wo's output instead of the mid-block residual, weight copies kept, the selective policy's saved
     set; fp8 (torchao tensorwise on wq, wo, w1, w2, w3, as for the 1B shape): w2's input recomputed, w1/w3's
@@ -308,7 +311,7 @@ def test_compiled_activation_bytes_match_the_partitioner_on_cpu(fused, ac, fp8, 
 
     model_cfg = ModelConfig(vocab_size=384, dim=128, num_layers=1, num_heads=4, num_kv_heads=1, ffn_dim=512,
                             max_seq_len=64)
-    model, _ = _build_block(model_cfg, fused=fused)
+    model, _ = _build_block(model_cfg)
     if fp8:
         pytest.importorskip("torchao")
         from torchao.float8.float8_linear import Float8Linear
@@ -319,10 +322,10 @@ def test_compiled_activation_bytes_match_the_partitioner_on_cpu(fused, ac, fp8, 
         forward = Float8Linear.forward
         monkeypatch.setattr(Float8Linear, "forward", lambda self, x: forward(self, x.to(torch.bfloat16)))
         converted = apply_float8(model, recipe="tensorwise", fsdp_all_gather=False, min_dim=64)
-        setup = BlockSetup(False, False, frozenset(name.rsplit(".", 1)[-1] for name in converted))
+        setup = BlockSetup(frozenset(name.rsplit(".", 1)[-1] for name in converted))
         assert setup.fp8 == {"wq", "wo", "w1", "w2", "w3"}
     else:
-        setup = BlockSetup(fused, fused, frozenset())
+        setup = BlockSetup(frozenset())
     apply_ac(model, ac)
     block = model.layers["0"]
     torch._dynamo.reset()  # Block.forward's compiled entries would pile up over the parametrized cases
@@ -333,7 +336,7 @@ def test_compiled_activation_bytes_match_the_partitioner_on_cpu(fused, ac, fp8, 
         torch._dynamo.reset()
     shape = ModelShape(make_config(model=model_cfg))
     if ac == "selective":
-        predicted, _ = get_selective_bytes(shape, layout(), setup, residual_bytes=4, eager=False)
+        predicted, _ = get_selective_bytes(shape, layout(), residual_bytes=4, eager=False)
         weights = 0.0  # recomputed with the block
     else:
         predicted = get_layer_activation_bytes(shape, layout(), setup, residual_bytes=4, eager=False,
@@ -356,7 +359,7 @@ def test_fp8_keeps_fewer_bytes_than_bf16():
     # Per layer and token: w2's input (2 ffn) is not kept, w1/w3's input is kept in 1 byte instead of 2 (dim).
     shape, fp8_shape = ModelShape(cfg), ModelShape(fp8_cfg)
     assert fp8_shape.fp8_linears == {"wq", "wo", "w1", "w2", "w3"}  # wk, wv: 512 outputs, under MIN_FP8_DIM
-    bytes_of = {name: get_layer_activation_bytes(s, layout(), get_block_setup(s, 1), residual_bytes=4,
+    bytes_of = {name: get_layer_activation_bytes(s, layout(), get_block_setup(s), residual_bytes=4,
                                                  eager=False, fused_norm=True)
                 for name, s in (("bf16", shape), ("fp8", fp8_shape))}
     assert bytes_of["bf16"] - bytes_of["fp8"] == 2 * 8192 + 2048
