@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
+from distributed import listen_ports  # noqa: E402
 
 STEPS = 8
 # Two stages per pipeline rank (each rank's model parts: two modules).
@@ -41,22 +41,11 @@ def train_here(overrides: list[str]) -> None:
     train(load_config(BASE + overrides))
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports the OS hands out now, all held open together so that they differ."""
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def torchrun(nproc: int, runs: list[list[str]]) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               __file__, json.dumps(free_ports(len(runs))), json.dumps(runs)]
+               __file__, json.dumps(listen_ports(len(runs))), json.dumps(runs)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 

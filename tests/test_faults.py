@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from distributed import listen_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 40
@@ -64,12 +64,6 @@ def signal_after(command: list[str], line_start: str, sig: signal.Signals, timeo
         return proc.wait(), "".join(output)
     finally:
         timer.cancel()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +295,7 @@ def test_slurm_template_endpoint_from_the_first_node(tmp_path):
 def test_two_nodes_on_localhost(tmp_path):
     """Two launch/train.sh invocations, node ranks 0 and 1, one process each, c10d rendezvous at 127.0.0.1."""
     run_dir = tmp_path / "run"
-    endpoint = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
+    endpoint = f"--rdzv-endpoint=127.0.0.1:{listen_ports(1)[0]}"
     args = ["--nnodes=2", endpoint, "--nproc-per-node=1", *BASE, "train.steps=4", f"run.dir={run_dir}", *TWO]
     node1 = subprocess.Popen(["launch/train.sh", "--node-rank=1", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
