@@ -79,7 +79,22 @@ def test_clean_run_report_files_and_window(clean):
     # The shortcut ran start_step + steps + 1 steps and profiled steps 3-5.
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 6 and report["steps"] == "3-5"
-    assert "| matmul |" in (run_dir / "roofline" / "roofline.md").read_text()
+    md = (run_dir / "roofline" / "roofline.md").read_text()
+    assert "| matmul |" in md and "## Top kernels" in md
+
+
+def test_top_kernels_are_the_heaviest_of_their_class(clean):
+    """On CPU the kernels are aten ops by self time: the linears' matmuls lead their class, and no class's top
+    kernels own more than the class."""
+    analysis = clean[1]["analysis"]
+    top = analysis["top_kernels"]
+    assert top["matmul"][0]["name"] in ("aten::mm", "aten::addmm", "aten::bmm")
+    for cls, rows in top.items():
+        times = [r["time_ms"] for r in rows]
+        assert times == sorted(times, reverse=True) and len(rows) <= 5
+        assert sum(times) <= analysis["classes"][cls]["time_ms"] * (1 + 1e-9)
+        assert sum(r["class_share"] for r in rows) <= 1 + 1e-9
+        assert all(r["calls_per_step"] > 0 for r in rows)
 
 
 def test_time_shares_add_up_to_the_step(clean):
@@ -194,7 +209,7 @@ def neutral_analysis() -> dict:
             "idle": {k: {"share": 0.0} for k in ("data_loading", "host_sync", "host_other")},
             "syncs_in_train_step_per_step": 0, "kernels": {"per_step": 10, "median_us": 100.0},
             "htod": {"per_step": 0, "time_ms": 0.0, "pageable": False}, "window_ms": 10.0,
-            "communication": {"exposed_ms": 0.0, "total_ms": 0.0}}
+            "communication": {"exposed_ms": 0.0, "total_ms": 0.0}, "top_kernels": {}}
 
 
 GPU_SETTINGS = {"device": "cuda", "compile": False, "precision": "bf16", "fused_loss": False, "optim_fused": False}
@@ -220,6 +235,15 @@ def test_each_signature_is_diagnosed_naming_its_key(signature, key, inject):
     inject(analysis)
     lines = diagnose(analysis, GPU_SETTINGS)
     assert len(lines) == 1 and lines[0].startswith(signature) and key in lines[0], lines
+
+
+def test_compiled_elementwise_diagnosis_names_the_heaviest_kernel():
+    analysis = neutral_analysis()
+    analysis["classes"]["norm/elementwise"].update(share=0.3, bound="memory")
+    analysis["top_kernels"] = {"norm/elementwise": [
+        {"name": "triton_red_fused_abs_amax_0", "time_ms": 12.5, "calls_per_step": 64, "class_share": 0.4}]}
+    (line,) = diagnose(analysis, {**GPU_SETTINGS, "compile": True})
+    assert "already compiled" in line and "triton_red_fused_abs_amax_0 at 12.5 ms/step" in line
 
 
 def test_diagnosis_is_strongest_first():
@@ -306,6 +330,10 @@ def test_device_timeline_rules_on_a_synthetic_gpu_trace():
     assert a["classes"]["matmul"]["gflop"] == pytest.approx(2 * 2 * 1024**3 / 1e9)
     assert a["classes"]["matmul"]["flops_by_dtype"] == {"bf16": 1.0}
     assert a["classes"]["matmul"]["tflops"] == pytest.approx(2 * 2 * 1024**3 / 400e-6 / 1e12)
+    (gemm,) = a["top_kernels"]["matmul"]
+    assert gemm == {"name": "sm90_xmma_gemm_bf16bf16_bf16f32", "time_ms": pytest.approx(0.4), "calls_per_step": 2,
+                    "class_share": pytest.approx(1.0)}
+    assert a["top_kernels"]["communication"][0]["time_ms"] == pytest.approx(0.15)  # the exposed part only
 
 
 def test_two_processes_rank0_reports_with_a_straggler_line(tmp_path, one_thread):

@@ -6,7 +6,8 @@ and what to change, in plain words naming the config key.
 runs the normal trainer with profile.roofline=true and train.steps = profile.start_step +
 profile.steps + 1 (unless given); any run with profile.roofline=true writes the same report to
 <run.dir>/roofline/: roofline.md, roofline.json and roofline.png (log-log roofline: kernel classes
-as points sized by their time share, the compute roofs per dtype, the bandwidth roof, the ridge).
+as points sized by their time share, the compute roofs per dtype, the bandwidth roof, the ridge),
+with the heaviest kernels of each class.
 trainer/profiling.py runs the window and calls `build_report`; trainer/trace_analysis.py
 classifies the trace; trainer/roofs.py measures the roofs.
 
@@ -102,8 +103,10 @@ def diagnose(analysis: dict, settings: dict) -> list[str]:
                       + ("" if settings["compile"] else ", fusion of their neighbours (train.compile=true)")))
     elementwise = classes["norm/elementwise"]
     if elementwise["share"] >= ELEMENTWISE_SHARE and elementwise["bound"] != "compute":
+        heaviest = analysis["top_kernels"].get("norm/elementwise")
+        named = f"; the heaviest is {heaviest[0]['name']} at {heaviest[0]['time_ms']:.3g} ms/step" if heaviest else ""
         fix = "train.compile=true fuses norms, activations and residual adds" if not settings["compile"] else \
-            "already compiled: find the unfused ops in the trace (profile.trace=true)"
+            f"already compiled: see the top kernels{named} (profile.trace=true for the rest)"
         found.append((elementwise["share"], f"memory-bound norm/elementwise work is {_pct(elementwise['share'])} of the "
                                             f"step; {fix}"))
     loss = classes["loss"]["share"]
@@ -173,6 +176,15 @@ def format_table(report: dict) -> list[str]:
         rows.append([f"idle: {label}", a["idle"][key]["time_ms"], _pct(a["idle"][key]["share"]), *blank])
     rows.append(["**sum**", report["sum_ms"], _pct(report["sum_ms"] / a["window_ms"]), *blank])
     return markdown_table(header, rows).splitlines()
+
+
+def format_top_kernels(report: dict) -> list[str]:
+    """The heaviest kernels of each class that takes time, heaviest class first."""
+    a = report["analysis"]
+    rows = [[name, kernel["name"], kernel["time_ms"], round(kernel["calls_per_step"], 1), _pct(kernel["class_share"])]
+            for name in sorted(a["top_kernels"], key=lambda c: -a["classes"][c]["time_ms"])
+            for kernel in a["top_kernels"][name]]
+    return markdown_table(["class", "kernel", "ms/step", "calls/step", "share of class"], rows).splitlines()
 
 
 def format_summary(report: dict) -> list[str]:
@@ -245,7 +257,7 @@ def plot_roofline(path: Path, report: dict) -> None:
 def write_report(out_dir: Path, report: dict) -> list[str]:
     """roofline.md, roofline.json and roofline.png in `out_dir`; returns the console lines."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary, table = format_summary(report), format_table(report)
+    summary, table, top_kernels = format_summary(report), format_table(report), format_top_kernels(report)
     diagnosis = [f"- {line}" for line in report["diagnosis"]]
     ranks = []
     if len(report["ranks"]) > 1:
@@ -254,11 +266,11 @@ def write_report(out_dir: Path, report: dict) -> list[str]:
                                      for r in report["ranks"]])
         ranks = ["## Ranks", "", rank_table, ""]
     md = ["# Roofline report", "", *[f"{line}  " for line in summary], "", *table, "", "## Diagnosis", "", *diagnosis, "",
-          *ranks, "Classes: trainer/trace_analysis.py; FLOP and byte estimates: trainer/kernel_costs.py; diagnosis rules: trainer/roofline.py.", ""]
+          "## Top kernels", "", *top_kernels, "", *ranks, "Classes: trainer/trace_analysis.py; FLOP and byte estimates: trainer/kernel_costs.py; diagnosis rules: trainer/roofline.py.", ""]
     (out_dir / "roofline.md").write_text("\n".join(md))
     (out_dir / "roofline.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_roofline(out_dir / "roofline.png", report)
-    return ["roofline report:", *summary, *table, "diagnosis:", *diagnosis, f"written to {out_dir}/roofline.{{md,json,png}}"]
+    return ["roofline report:", *summary, *table, "diagnosis:", *diagnosis, "top kernels:", *top_kernels, f"written to {out_dir}/roofline.{{md,json,png}}"]
 
 
 def get_overrides(argv: list[str]) -> list[str]:

@@ -32,6 +32,8 @@ trainer/profiling.py records the trace (record_shapes on); `analyze_trace` reads
   peaks, each dtype's FLOPs at its own peak), its roof min(peak, intensity x bandwidth), its bound
   "compute" past the ridge. They are HBM/DRAM roofs: on CPU a small working set runs from cache and
   can beat them.
+- Top kernels: per class, the kernels (GPU) or aten ops (CPU) by name that own the most time, so a
+  class far from its roof points at the code to fuse or change.
 - Idle split: time overlapping the "next_batch" range is data loading; on GPU a gap that begins as
   a host sync returns (cudaStreamSynchronize, .item()) is a host sync; the rest is host overhead.
   On CPU there is no queue to drain, so host syncs are found by count: .item() calls inside
@@ -56,6 +58,8 @@ from pathlib import Path
 from trainer.kernel_costs import CPU_COPIES, VIEW_OPS, OptimizerWork, get_bytes, get_dtype, get_flops, has_formula
 from trainer.roofs import Roofs
 
+TOP_KERNELS = 5
+KERNEL_NAME_CHARS = 120  # templated CUDA kernel names run to thousands of characters
 CLASSES = ("matmul", "attention", "norm/elementwise", "loss", "optimizer", "communication", "memory copies", "other")
 # record_function ranges: the train loop's (trainer/train.py) and the profiling window's (trainer/profiling.py).
 DATA_RANGE, STEP_RANGE, FORWARD_BACKWARD_RANGE, LOSS_RANGE = "next_batch", "ProfilerStep#", "train_step", "loss"
@@ -342,6 +346,18 @@ def _class_row(c: ClassTotals, name: str, *, steps: int, window_us: float, roofs
     return row
 
 
+def _top_kernels(by_kernel: dict[tuple[str, str], list[float]], totals: dict[str, ClassTotals],
+                 num_steps: int) -> dict[str, list[dict]]:
+    """Per class, its TOP_KERNELS names by owned time: ms and calls per step, and their share of the class."""
+    top: dict[str, list[dict]] = {}
+    for (cls, name), (time_us, calls) in sorted(by_kernel.items(), key=lambda item: -item[1][0]):
+        rows = top.setdefault(cls, [])
+        if len(rows) < TOP_KERNELS and time_us > 0:
+            rows.append({"name": name[:KERNEL_NAME_CHARS], "time_ms": time_us / num_steps / 1e3,
+                         "calls_per_step": calls / num_steps, "class_share": time_us / totals[cls].time_us})
+    return {cls: rows for cls, rows in top.items() if rows}
+
+
 def analyze_trace(trace: dict, *, roofs: Roofs | None = None, optimizer_work: OptimizerWork | None = None) -> dict:
     """Per-class time, FLOPs, bytes and roof fractions, and the idle split, of the steps in `trace`
     (its ProfilerStep# ranges; the whole trace when it has none). Times are per step, in ms. With
@@ -364,8 +380,11 @@ def analyze_trace(trace: dict, *, roofs: Roofs | None = None, optimizer_work: Op
     accounted = _accounted_ops(host, units, device=device)
 
     totals = {c: ClassTotals() for c in CLASSES}
+    by_kernel: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])  # (class, name) -> [us, calls]
     for u, t in zip(units, owned):
         totals[u.cls].time_us += t
+        by_kernel[u.cls, u.name][0] += t
+        by_kernel[u.cls, u.name][1] += 1
     if device:
         kernels = [(u.cls, u.end - u.start) for u in units if not u.name.startswith(("Memcpy", "Memset"))]
     else:  # the ops doing the work, not the composites around them
@@ -400,6 +419,7 @@ def analyze_trace(trace: dict, *, roofs: Roofs | None = None, optimizer_work: Op
         "sum_ms": per_step(sum(c.time_us for c in totals.values()) + idle_us),
         "classes": classes,
         "idle": {k: {"time_ms": per_step(v), "share": v / window_us} for k, v in idle.items()},
+        "top_kernels": _top_kernels(by_kernel, totals, num_steps),
         "kernels": {"per_step": len(kernels) / num_steps,
                     "median_us": statistics.median(d for _, d in kernels) if kernels else 0.0},
         "syncs_in_train_step_per_step": syncs / num_steps,
