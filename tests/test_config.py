@@ -2,6 +2,7 @@
 name the key path and value, mesh-degree resolution, and the CLI edge (exit 2, one line, no traceback)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -240,3 +241,25 @@ def test_cli_bad_config_exits_2_with_one_line(cli_runs, name):
     lines = stderr.strip("\n").split("\n")
     assert len(lines) == 1, stderr
     assert CLI_CASES[name][1] in lines[0]
+
+
+def test_cli_help_lists_recipes_and_groups(capsys):
+    from trainer.__main__ import main
+
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: torchrun") and "bench_1b" in usage and "parallel=ddp|fsdp|single" in usage
+
+
+def test_cli_cfg_prints_the_validated_config_and_runs_nothing(tmp_path, capsys):
+    from trainer.__main__ import main
+
+    run_dir = tmp_path / "run"
+    assert main(["recipe=debug", f"run.dir={run_dir}", "train.steps=7", "--cfg"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed)
+    reloaded = load_config([f"recipe={tmp_path / 'printed.yaml'}"])
+    expected = load_config(["recipe=debug", f"run.dir={run_dir}", "train.steps=7"])
+    assert dataclasses.replace(reloaded, recipe="debug") == expected
+    assert not run_dir.exists()
+    assert main(["recipe=debug", "train.steps=-1", "--cfg"]) == 2 and "train.steps=-1" in capsys.readouterr().err

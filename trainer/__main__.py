@@ -1,13 +1,14 @@
 """CLI edge: `python -m trainer [recipe=NAME] [key=value ...]`, also under torchrun.
 
-User errors (config, data, checkpoint) end here as one line on stderr and exit code 2; a run stopped on a
+`--help` prints the usage with the recipes and config groups there are; `--cfg` prints the composed,
+validated config as YAML and runs nothing. User errors (config, data, checkpoint) end here as one line on stderr and exit code 2; a run stopped on a
 non-finite step (fault.nonfinite) as one line and exit code 1.
 """
 import os
 import sys
 import time
 
-from trainer.config import ConfigError, load_config
+from trainer.config import CONFIG_DIR, GROUPS, RECIPE_DIR, ConfigError, load_config, to_yaml
 from trainer.env import get_env
 from trainer.faults import NonFiniteError
 
@@ -15,9 +16,32 @@ from trainer.faults import NonFiniteError
 LINE_GRACE_S = 5.0
 
 
+def get_usage() -> str:
+    recipes = " ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+    groups = "\n".join(f"  {g}=" + "|".join(sorted(p.stem for p in (CONFIG_DIR / g).glob("*.yaml"))) for g in GROUPS)
+    return f"""usage: torchrun --nproc_per_node=N -m trainer [recipe=NAME] [group=choice ...] [key=value ...]
+       python -m trainer ...          (one process)
+       python -m trainer ... --cfg    (print the composed, validated config as YAML; run nothing)
+
+recipes (recipes/NAME.yaml, or a path to a .yaml file): {recipes}
+config groups (configs/GROUP/CHOICE.yaml):
+{groups}
+keys: any dotted key of the printed config, e.g. train.steps=50 parallel.dp_shard=2 optim.lr=1e-3
+related: python -m trainer.bench | trainer.roofline | trainer.sweep | trainer.report | trainer.export |
+         trainer.sample | parallel.plan | recipes.chinchilla (README.md has a tour)"""
+
+
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(get_usage())
+        return 0
+    print_only = "--cfg" in argv
     try:
-        cfg = load_config(argv)
+        cfg = load_config([arg for arg in argv if arg != "--cfg"])
+        if print_only:
+            if get_env().is_main:
+                print(to_yaml(cfg), end="")
+            return 0
         from trainer.train import train
 
         train(cfg)
