@@ -21,7 +21,7 @@ from pathlib import Path
 
 from parallel.mesh import AXES
 from parallel.plan_model import GPUS, Knobs, Layout, ModelShape, get_gpu_key, get_knobs, predict
-from trainer.config import Config, ConfigError, get_microbatches, load_config, validate
+from trainer.config import Config, ConfigError, get_micro_batch_size, get_microbatches, load_config, validate
 
 AC_MODES = ("none", "selective", "full")
 PLAN_KEYS = ("recipe", "world_size", "gpu", "gpus_per_node", "top", "json", "calib")
@@ -189,8 +189,10 @@ def plan_layouts(cfg: Config, *, world_size: int, gpu: str | None, gpus_per_node
 
 def get_layout(cfg: Config, degrees: dict[str, int]) -> Layout:
     p, pp = cfg.parallel, degrees["pp"]
+    microbatches = get_microbatches(p, pp) if pp > 1 else 1
+    micro_batch_size = get_micro_batch_size(cfg.train, degrees["dp_replicate"] * degrees["dp_shard"], microbatches)
     return Layout(pp, degrees["dp_replicate"], degrees["dp_shard"], degrees["tp"], p.zero, p.pp_schedule,
-                  p.virtual_stages, get_microbatches(p, pp) if pp > 1 else 1, cfg.train.micro_batch_size,
+                  p.virtual_stages, microbatches, micro_batch_size,
                   cfg.train.activation_checkpointing, p.sequence_parallel and degrees["tp"] > 1)
 
 

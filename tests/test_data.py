@@ -228,9 +228,21 @@ def test_restore_under_a_different_dp_size():
 
 def test_val_batches_are_fixed_and_wrap():
     result = TokenData(train=SAMPLES, val=SAMPLES[:3], tokenizer=ByteTokenizer())
-    batches = val_batches(result, batch_size=2, count=3)
+    batches = val_batches(result, 2, 3, micro_batch_size=2)
     assert [row_ids(b, WIDTH) for b in batches] == [[0, 1], [2, 0], [1, 2]]
-    assert all(torch.equal(a, b) for a, b in zip(batches, val_batches(result, 2, 3)))
+    assert all(torch.equal(a, b) for a, b in zip(batches, val_batches(result, 2, 3, micro_batch_size=2)))
+
+
+def test_val_set_is_the_same_under_every_layout():
+    """Ranks' shares in micro-batches cover the one-process set, each global batch split as in training."""
+    result = TokenData(train=SAMPLES, val=SAMPLES, tokenizer=ByteTokenizer())
+    whole = torch.cat(val_batches(result, 8, 2, micro_batch_size=8))
+    for dp_size, micro in ((2, 2), (4, 1), (2, 4)):
+        shares = [val_batches(result, 8, 2, micro_batch_size=micro, dp_rank=r, dp_size=dp_size) for r in range(dp_size)]
+        assert all(b.shape[0] == micro for share in shares for b in share)
+        rows = sorted(row_ids(torch.cat(share), WIDTH) for share in shares)
+        assert sorted(sum(rows, [])) == sorted(row_ids(whole, WIDTH))
+        assert row_ids(torch.cat(shares[0]), WIDTH)[:8 // dp_size] == row_ids(whole, WIDTH)[:8 // dp_size]
 
 
 def test_synthetic_tokens_are_deterministic_and_cheap(tmp_path):
@@ -244,7 +256,7 @@ def test_synthetic_tokens_are_deterministic_and_cheap(tmp_path):
     assert torch.equal(batch, SampleStream(build_data(cfg, None, log=quiet).train, seed=7).take(0, 8))
     cfg.train.seed = 8
     assert not torch.equal(batch, SampleStream(build_data(cfg, None, log=quiet).train, seed=8).take(0, 8))
-    assert not torch.equal(val_batches(result, 8, 1)[0], batch)
+    assert not torch.equal(val_batches(result, 8, 1, micro_batch_size=8)[0], batch)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -253,6 +253,17 @@ def test_diagnosis_is_strongest_first():
     assert [line.split(" ")[0] for line in diagnose(analysis, GPU_SETTINGS)] == ["loss", "data"]
 
 
+def test_shortcut_profiles_in_a_run_dir_of_its_own():
+    """The shortcut never resumes, saves into or rewrites the logs of the recipe's training run dir."""
+    from trainer.roofline import get_overrides
+
+    cfg = load_config(get_overrides(["recipe=debug"]))
+    assert cfg.run.dir == load_config(["recipe=debug"]).run.dir + "_roofline"
+    assert not cfg.checkpoint.enabled and cfg.train.steps == cfg.profile.start_step + cfg.profile.steps + 1
+    given = load_config(get_overrides(["recipe=debug", "run.dir=runs/mine", "checkpoint.enabled=true", "train.steps=40"]))
+    assert (given.run.dir, given.checkpoint.enabled, given.train.steps) == ("runs/mine", True, 40)
+
+
 def test_window_beyond_the_run_is_refused():
     with pytest.raises(ConfigError, match="profile.start_step"):
         load_config(["recipe=debug", "train.steps=5", "profile.trace=true"])

@@ -74,3 +74,21 @@ def test_lr_schedules(schedule):
         assert all(b <= a + 1e-12 for a, b in zip(factors[10:], factors[11:]))
     if schedule == "wsd":
         assert factors[79] == 1.0 and factors[85] < 1.0
+
+
+def test_default_micro_batch_and_val_set_follow_the_layout(tmp_path, one_thread):
+    """train.micro_batch_size=0 (the default) gives each rank its share of the global batch, and the validation set
+    is shared out the same way: 2 data-parallel processes log the one-process training and validation losses."""
+    from trainer.train import train
+
+    common = ["recipe=debug", "train.micro_batch_size=0", "train.steps=4", "train.val_every=4", "log.every=4",
+              "checkpoint.enabled=false"]
+    train(load_config([*common, f"run.dir={tmp_path / 'one'}"]))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer", *common,
+         "parallel.dp_replicate=2", "parallel.zero=0", f"run.dir={tmp_path / 'two'}"],
+        cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = ({k: v for r in read_metrics(tmp_path / name) for k, v in r.items()} for name in ("one", "two"))
+    assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)

@@ -78,12 +78,12 @@ class TrainConfig:
     seed: int = 1234
     seq_len: int = 256
     global_batch_size: int = 16
-    micro_batch_size: int = 16
+    micro_batch_size: int = 0  # rows per forward on a rank; 0: the rank's whole share (no accumulation)
     precision: str = "fp32"  # fp32 | bf16 | fp8 (bf16 compute + torchao float8 block linears)
     fp8_recipe: str = "tensorwise"  # tensorwise | rowwise
     fp8_all_gather: bool = True  # FSDP all-gathers float8 weights (tensorwise recipe only)
     val_every: int = 50
-    val_batches: int = 4
+    val_batches: int = 4  # global batches of validation samples, fixed, shared out over data-parallel ranks
     activation_checkpointing: str = "none"
     ac_every: int = 1  # checkpoint every k-th block
     compile: bool = False
@@ -377,8 +377,9 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
         raise ConfigError(f"optim.decay_fraction={o.decay_fraction}: must be in (0, 1]")
     _choice("optim.schedule", o.schedule, LR_SCHEDULES)
 
-    for key in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "val_every", "ac_every"):
+    for key in ("steps", "seq_len", "global_batch_size", "val_every", "ac_every"):
         _positive(f"train.{key}", getattr(t, key))
+    _positive("train.micro_batch_size", t.micro_batch_size, zero_ok=True)
     _positive("train.val_batches", t.val_batches, zero_ok=True)
     if t.seed < 0:
         raise ConfigError(f"train.seed={t.seed}: must be >= 0")
@@ -433,9 +434,11 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
     elif p.virtual_stages > 1:
         raise ConfigError(f"parallel.virtual_stages={p.virtual_stages}: needs parallel.pp > 1")
     microbatches = get_microbatches(p, pp)
-    per_rank = dp * t.micro_batch_size * (microbatches if pp > 1 else 1)
+    pp_microbatches = microbatches if pp > 1 else 1
+    micro_batch_size = t.micro_batch_size or 1  # auto: the divisibility by dp (x microbatches) is what counts
+    per_rank = dp * micro_batch_size * pp_microbatches
     if t.global_batch_size % per_rank:
-        what = "dp x micro_batch_size" + (" x microbatches" if pp > 1 else "")
+        what = "dp" + (" x micro_batch_size" if t.micro_batch_size else "") + (" x microbatches" if pp > 1 else "")
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size}: not divisible by {what} = {per_rank}"
             f" (dp={dp}, train.micro_batch_size={t.micro_batch_size}" + (f", microbatches={microbatches})" if pp > 1 else ")")
@@ -473,3 +476,8 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
 
 def get_microbatches(p: ParallelConfig, pp: int) -> int:
     return p.microbatches or pp * p.virtual_stages
+
+
+def get_micro_batch_size(t: TrainConfig, dp: int, pp_microbatches: int) -> int:
+    """train.micro_batch_size, or with 0 (auto) the rank's whole share of the global batch per pipeline microbatch."""
+    return t.micro_batch_size or t.global_batch_size // (dp * pp_microbatches)

@@ -398,8 +398,12 @@ class SampleStream:
         self.position = int(state["position"])
 
 
-def val_batches(data: TokenData, batch_size: int, count: int) -> list[torch.Tensor]:
-    """The same validation batches every time: the first count * batch_size val samples, wrapping if too few."""
-    indices = np.arange(count * batch_size) % len(data.val)
-    rows = torch.from_numpy(np.asarray(data.val[indices], dtype=np.int64))
-    return list(rows.split(batch_size))
+def val_batches(data: TokenData, global_batch_size: int, count: int, *, micro_batch_size: int, dp_rank: int = 0,
+                dp_size: int = 1) -> list[torch.Tensor]:
+    """This data-parallel rank's share of the fixed validation set, in micro-batches: the first
+    count x global_batch_size val samples (wrapping if too few), each global batch split over the ranks as
+    in training. Equal micro-batches, so the mean over ranks is the set's mean whatever the layout."""
+    per_rank = global_batch_size // dp_size
+    indices = (np.arange(count * global_batch_size) % len(data.val)).reshape(count, dp_size, per_rank)[:, dp_rank]
+    rows = torch.from_numpy(np.asarray(data.val[indices.reshape(-1)], dtype=np.int64))
+    return list(rows.split(micro_batch_size))

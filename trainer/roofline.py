@@ -274,14 +274,21 @@ def write_report(out_dir: Path, report: dict) -> list[str]:
 
 
 def get_overrides(argv: list[str]) -> list[str]:
-    """`argv` with the report on and, unless given, train.steps just past the profiling window."""
+    """`argv` with the report on and, unless given: train.steps just past the profiling window, a run dir of its
+    own beside the recipe's (a profiling run must neither resume nor overwrite a training run's logs), and no
+    checkpoints."""
     overrides = [*argv, "profile.roofline=true"]
-    if not any(item.startswith("train.steps=") for item in argv):
-        try:  # the window first, with room for it: the recipe's own steps may be fewer
-            window = load_config([*overrides, f"train.steps={2**31 - 1}"]).profile
-        except ConfigError:
-            return overrides  # the trainer's CLI reports it
-        overrides.append(f"train.steps={window.start_step + window.steps + 1}")
+    given = lambda key: any(item.startswith(f"{key}=") for item in argv)  # noqa: E731
+    try:  # the window first, with room for it: the recipe's own steps may be fewer
+        cfg = load_config([*overrides, f"train.steps={2**31 - 1}"])
+    except ConfigError:
+        return overrides  # the trainer's CLI reports it
+    if not given("train.steps"):
+        overrides.append(f"train.steps={cfg.profile.start_step + cfg.profile.steps + 1}")
+    if not given("run.dir"):
+        overrides.append(f"run.dir={cfg.run.dir.rstrip('/')}_roofline")
+    if not given("checkpoint.enabled"):
+        overrides.append("checkpoint.enabled=false")
     return overrides
 
 

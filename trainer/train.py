@@ -22,7 +22,7 @@ from models import count_params, flops_per_token
 from parallel import ParallelModel, build_mesh, build_parallel_model, clip_grad_norm_, get_dp_rank_and_size
 from parallel.plan import PlannerCheck
 from trainer.checkpoint import Checkpointer, find_load_source, get_checkpoint_dir
-from trainer.config import Config, ConfigError, get_microbatches, to_yaml, validate
+from trainer.config import Config, ConfigError, get_micro_batch_size, get_microbatches, to_yaml, validate
 from trainer.data import SampleStream, build_data, val_batches
 from trainer.env import (configure_cuda_allocator, destroy_process_group, get_env, get_memory_gb, get_peak_tflops,
                          init_process_group)
@@ -119,7 +119,7 @@ def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, com
 @torch.no_grad()
 def evaluate(model, batches: list[torch.Tensor], *, compute_context, device, loss_parallel: bool,
              model_loss=get_model_loss(fused=False, compiled=False)) -> torch.Tensor:
-    """Mean loss over fixed validation batches (every data-parallel rank sees the same ones)."""
+    """Mean loss over this rank's fixed validation batches (its data-parallel share of the set)."""
     model.eval()
     losses = []
     for batch in batches:
@@ -159,7 +159,8 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
     dp_rank, dp_size = get_dp_rank_and_size(mesh)
     pp_microbatches = get_microbatches(cfg.parallel, degrees["pp"]) if degrees["pp"] > 1 else 1
     # The recipe fixes the global batch; accumulation is whatever the layout leaves over.
-    accumulation = t.global_batch_size // (dp_size * t.micro_batch_size * pp_microbatches)
+    micro_batch_size = get_micro_batch_size(t, dp_size, pp_microbatches)
+    accumulation = t.global_batch_size // (dp_size * micro_batch_size * pp_microbatches)
     # Each pipeline microbatch's share of the step's mean loss (the schedule does not rescale gradients).
     loss_fn = lambda logits, targets: cross_entropy_loss(logits, targets) / (accumulation * pp_microbatches)  # noqa: E731
     pm = build_parallel_model(cfg, degrees, mesh, env.device, loss_fn=loss_fn, microbatches=pp_microbatches)
@@ -176,7 +177,8 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
         pm.notes.append("train.fused_loss ignored: pipeline and tensor-parallel layouts compute the loss from logits")
     model_loss = get_model_loss(fused=fused_loss, compiled=t.compile and not pm.loss_parallel)
     stream = SampleStream(data.train, seed=t.seed)
-    val = val_batches(data, t.micro_batch_size, t.val_batches) if t.val_batches and degrees["pp"] == 1 else []
+    val = val_batches(data, t.global_batch_size, t.val_batches, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
+                      dp_size=dp_size) if t.val_batches and degrees["pp"] == 1 else []
     tokens_per_step = t.global_batch_size * t.seq_len
     step_flops = flops_per_token(cfg.model, t.seq_len) * tokens_per_step
     peak = get_peak_tflops(env.device, cfg.log.peak_tflops)
@@ -285,8 +287,9 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
     profiler.close(step)
     checkpointer.close()
     total_time = time.perf_counter() - start_time
-    logger.info(f"done: {t.steps} steps in {format_duration(total_time)}, final loss {last.get('loss', float('nan')):.4f}"
-                + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" | run dir {run_dir}")
+    result = (f"final loss {last['loss']:.4f}" if "loss" in last else "nothing left to train") + \
+        (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "")
+    logger.info(f"done: {t.steps} steps in {format_duration(total_time)}, {result} | run dir {run_dir}")
     logger.close()
     return last, pm
 
