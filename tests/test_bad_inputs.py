@@ -70,10 +70,20 @@ def world(tmp_path_factory, one_thread):
     (data / "mixed" / "b.jsonl").write_text('{"text": "other"}\n')
     (root / "plain_file").write_text("")
     (root / "bad.yaml").write_text("train: [unclosed\n")
+    words = "light dark water earth heaven seed fruit tree day night".split()
+    (data / "corpus.txt").write_text("\n\n".join(" ".join(words[(i * j) % 10] for j in range(400)) for i in range(60)))
     (root / "not_a_checkpoint").mkdir()
     (root / "hf_without_config").mkdir()
+    from trainer.export import export_hf
+
+    export_hf(checkpoint, root / "hf")
+    checkpoints_file = root / "checkpoints_file"  # <run.dir>/checkpoints is a file, not a folder
+    checkpoints_file.mkdir()
+    shutil.copy2(existing / "metrics.jsonl", checkpoints_file / "metrics.jsonl")
+    (checkpoints_file / "checkpoints").write_text("")
     return {"root": root, "existing": existing, "seeded": seeded, "bpe": bpe, "checkpoint": checkpoint,
-            "garbled": garbled, "incomplete": incomplete, "truncated": truncated, "data": data}
+            "garbled": garbled, "incomplete": incomplete, "truncated": truncated, "data": data,
+            "checkpoints_file": checkpoints_file}
 
 
 # (expected text in the error line, target run dir, overrides); {name} is replaced from `world`.
@@ -125,6 +135,13 @@ CASES = {
     "checkpoint from another model shape": ("it was saved for another model (model.dim=64 there, 128 here", "seeded",
                                             ["checkpoint.load={checkpoint}", "model.dim=128", "model.ffn_dim=256"]),
     "own checkpoint, model changed": ("model.num_layers=2 there, 3 here", "existing", ["model.num_layers=3"]),
+    # Fail only once the weights are read: the run dir's metrics.jsonl and tokenizer.json must still be untouched.
+    "hf weights of another model shape": ("does not match this model", "seeded",
+                                          ["checkpoint.load=hf:{root}/hf", "model.dim=128", "model.ffn_dim=256"]),
+    "bpe run into a byte run's dir, model changed": ("model.dim=64 there, 128 here", "existing",
+                                                     ["data.tokenizer=bpe", "data.bpe_vocab_size=300", "data.dataset={data}/corpus.txt",
+                                                      "model.dim=128", "model.ffn_dim=256"]),
+    "checkpoints path is a file": ("is not a folder", "checkpoints_file", []),
 }
 
 
@@ -137,7 +154,7 @@ def run_main(capsys, argv: list[str]) -> tuple[int, str]:
 
 
 def test_bad_inputs_give_one_line_and_touch_nothing(world, capsys):
-    names = ("existing", "seeded", "bpe")
+    names = ("existing", "seeded", "bpe", "checkpoints_file")
     before = {name: snapshot(world[name]) for name in names}
     failures = []
     for case, (expected, target, overrides) in CASES.items():

@@ -15,7 +15,7 @@ import torch
 
 from trainer import data
 from trainer.config import Config, ConfigError
-from trainer.data import ByteTokenizer, SampleStream, TokenData, build_data, build_tokenizer, val_batches
+from trainer.data import ByteTokenizer, SampleStream, TokenData, build_data, build_tokenizer, save_tokenizer, val_batches
 
 EOS = ByteTokenizer.eos_id
 WORDS = "the quick brown fox jumps over a lazy dog while seven wise owls watch the river".split()
@@ -148,9 +148,11 @@ def test_bpe_trains_saves_and_is_reused(tmp_path, monkeypatch):
     docs = make_docs(54) + ["zyzzyva " * 50] * 6
     cfg = make_cfg(tmp_path, write_jsonl(tmp_path / "corpus.jsonl", docs), tokenizer="bpe", bpe_vocab_size=300)
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
     result = build_data(cfg, run_dir, log=quiet)
     tokenizer = result.tokenizer
-    assert (run_dir / "tokenizer.json").is_file()
+    assert not (run_dir / "tokenizer.json").exists()  # the trainer saves it once its checkpoint loaded
+    save_tokenizer(tokenizer, run_dir)
     assert 257 < tokenizer.vocab_size <= 300 and 0 <= tokenizer.eos_id < tokenizer.vocab_size
     text = "the lazy dog jumps over seven owls"
     assert tokenizer.decode(tokenizer.encode(text)) == text
@@ -163,8 +165,14 @@ def test_bpe_trains_saves_and_is_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "_train_bpe", fail)
     again = build_tokenizer(cfg.data, tmp_path / "run2", log=quiet)
-    assert again.identity == tokenizer.identity
-    assert (tmp_path / "run2" / "tokenizer.json").read_text() == (run_dir / "tokenizer.json").read_text()
+    assert again.identity == tokenizer.identity and not (tmp_path / "run2").exists()
+    # The tokenizer saved beside a checkpoint wins over the run dir's and the cache's (another vocab size here).
+    other = make_cfg(tmp_path / "other", cfg.data.dataset, tokenizer="bpe", bpe_vocab_size=280)
+    monkeypatch.undo()
+    smaller = build_tokenizer(other.data, None, log=quiet)
+    assert smaller.vocab_size < tokenizer.vocab_size
+    save_tokenizer(smaller, tmp_path)
+    assert build_tokenizer(cfg.data, run_dir, saved=tmp_path / "tokenizer.json", log=quiet).identity == smaller.identity
 
 
 # ---------------------------------------------------------------------------------------------

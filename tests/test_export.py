@@ -112,3 +112,98 @@ def test_import_from_hf(trained, tmp_path):
     with torch.no_grad():
         expected = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
     assert first["step"] == 1 and first["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def hf_exports(trained, tmp_path_factory) -> dict[str, Path]:
+    """The trained run exported once as a single file and once as 3 shards with an index; tests copy, never edit."""
+    from trainer.export import export_hf
+
+    root = tmp_path_factory.mktemp("hf_exports")
+    return {"single": export_hf(trained, root / "single"), "sharded": export_hf(trained, root / "sharded",
+                                                                                 max_shard_gb=0.0002)}
+
+
+def _truncate(path: Path) -> None:
+    with path.open("r+b") as file:
+        file.truncate(5000)
+
+
+def _index_naming_wrong_shard(folder: Path) -> None:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = "model-00001-of-00003.safetensors"  # it lives in shard 2
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _index_without_norm(folder: Path) -> None:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.norm.weight"]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("export, breakage, message", [
+    ("single", lambda d: _truncate(d / "model.safetensors"), "model.safetensors is not a readable safetensors file"),
+    ("sharded", lambda d: _truncate(d / "model-00002-of-00003.safetensors"),
+     "model-00002-of-00003.safetensors is not a readable safetensors file"),
+    ("sharded", lambda d: (d / "model-00003-of-00003.safetensors").unlink(),
+     "model-00003-of-00003.safetensors is missing"),
+    ("sharded", lambda d: (d / "model.safetensors.index.json").write_text("{not json"),
+     "cannot read model.safetensors.index.json"),
+    ("sharded", lambda d: (d / "model.safetensors.index.json").write_bytes(b"\xff\xfe"),
+     "cannot read model.safetensors.index.json"),
+    ("sharded", lambda d: (d / "model.safetensors.index.json").write_text("[]"),
+     "model.safetensors.index.json has no weight_map"),
+    ("sharded", _index_naming_wrong_shard, "puts model.norm.weight in model-00001-of-00003.safetensors"),
+    ("sharded", _index_without_norm, "no tensor model.norm.weight"),  # the last tensor: all others fit first
+], ids=["truncated", "truncated_shard", "missing_shard", "garbage_index", "binary_index", "index_not_object",
+        "index_wrong_shard", "index_without_tensor"])
+def test_import_rejects_broken_folder(hf_exports, tmp_path, export, breakage, message):
+    import re
+    import shutil
+
+    from trainer.export import load_hf_weights
+
+    folder = Path(shutil.copytree(hf_exports[export], tmp_path / "hf"))
+    breakage(folder)
+    cfg = load_config(BASE)
+    model = Transformer(cfg.model)
+    model.init_weights(3)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+        load_hf_weights([model], folder, cfg.model)
+    assert str(raised.value).startswith(f"checkpoint.load='hf:{folder}': ") and "\n" not in str(raised.value)
+    for name, value in model.state_dict().items():  # checked before copying: nothing half-filled
+        assert torch.equal(value, before[name]), name
+
+
+def test_export_out_not_a_folder(trained, tmp_path, capsys):
+    from trainer.export import main
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me")
+    outs = [afile, afile / "hf"] + ([Path("/proc/ridgeline-export")] if Path("/proc/self").is_dir() else [])
+    for out in outs:
+        assert main([f"checkpoint={trained}", f"out={out}"]) == 2, out
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith(f"error: out='{out}': "), captured.err
+        assert captured.err.count("\n") == 1, captured.err
+    assert afile.read_text() == "keep me" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_export_over_earlier_export(trained, hf_exports, tmp_path):
+    """Exporting into a folder that holds an export replaces that export's files; other files stay."""
+    import shutil
+
+    from trainer.export import INDEX, export_hf
+
+    out = Path(shutil.copytree(hf_exports["single"], tmp_path / "hf"))
+    (out / "model-00003-of-00006.safetensors").write_bytes(b"stale shard of a 6-shard export")
+    (out / "notes.txt").write_text("keep me")
+    export_hf(trained, out, max_shard_gb=0.0002)
+    shards = set(json.loads((out / INDEX).read_text())["weight_map"].values())
+    assert len(shards) == 3
+    assert {p.name for p in out.iterdir()} == shards | {INDEX, "config.json", "notes.txt"}
+
+    export_hf(trained, out)  # and back to one file: no index or shard of the sharded export remains
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "notes.txt"}
+    assert (out / "model.safetensors").read_bytes() == (hf_exports["single"] / "model.safetensors").read_bytes()

@@ -179,6 +179,36 @@ def test_preempted_one_process_saves_and_resumes_exactly(tmp_path, reference, si
     assert_matches(losses(run_dir), reference)
 
 
+def test_log_windows_survive_a_crash_and_a_preemption(tmp_path, one_thread):
+    """log.every=3, checkpoint.every=4: after a crash (resumed at step 8, records of steps 9-10 set aside) and after
+    a preemption inside a log window (carried in the checkpoint), metrics.jsonl holds the uninterrupted run's records."""
+    windows = ["train.steps=20", "log.every=3", "checkpoint.every=4"]
+
+    def records(run_dir: Path) -> list[dict]:
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: r[k] for k in ("step", "loss", "lr", "grad_norm")} for r in lines if "loss" in r]
+
+    train_here([f"run.dir={tmp_path / 'reference'}", *windows])
+    expected = records(tmp_path / "reference")
+    assert [r["step"] for r in expected] == [3, 4, 6, 8, 9, 12, 15, 16, 18, 20]  # log steps and checkpoint steps
+
+    crashed = tmp_path / "crashed"
+    result = run([sys.executable, "-m", "trainer", *BASE, f"run.dir={crashed}", *windows, "fault.inject=kill",
+                  "fault.inject_step=10"])
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    train_here([f"run.dir={crashed}", *windows])
+    superseded = [json.loads(line)["step"] for line in (crashed / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert superseded == [9]
+    preempted = tmp_path / "preempted"
+    train_here([f"run.dir={preempted}", *windows, "fault.inject=sigterm", "fault.inject_step=11"])  # window 10-12
+    assert (preempted / "checkpoints" / "step_000011" / "COMMITTED").is_file()
+    train_here([f"run.dir={preempted}", *windows])
+    for got in (records(crashed), records(preempted)):
+        assert [r["step"] for r in got] == [r["step"] for r in expected]
+        for a, b in zip(got, expected):
+            assert a == pytest.approx(b, abs=1e-6), (a, b)
+
+
 @pytest.mark.slow
 def test_preempted_torchrun_sigterm_two_processes(tmp_path, reference):
     """SIGTERM to torchrun (exec'd by launch/train.sh): the agent forwards it, both ranks agree on one step, save,

@@ -322,14 +322,24 @@ class IntState(Stateful):
 
 
 class TrainState(Stateful):
+    """The step, and the log window open at a save that is not a log step (a preemption): the summed global
+    loss and the trained and skipped steps since the last log line, so the first line after a resume
+    averages the same steps as in an uninterrupted run."""
+
     def __init__(self):
         self.step = 0
+        self.window_loss_sum, self.window_trained, self.window_skipped = 0.0, 0, 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"step": torch.tensor(self.step, dtype=torch.int64)}
+        return {"step": torch.tensor(self.step, dtype=torch.int64),
+                "window_loss_sum": torch.tensor(self.window_loss_sum, dtype=torch.float64),
+                "window_trained": torch.tensor(self.window_trained, dtype=torch.int64),
+                "window_skipped": torch.tensor(self.window_skipped, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.window_loss_sum = float(state["window_loss_sum"])
+        self.window_trained, self.window_skipped = int(state["window_trained"]), int(state["window_skipped"])
 
 
 class RngState(Stateful):
@@ -417,6 +427,10 @@ class Checkpointer:
                  + ("" if "rng" in states else "; RNG states not restored: saved by another layout"))
         if step >= self.cfg.train.steps:
             self.log(f"checkpoint: step {step} >= train.steps={self.cfg.train.steps}: nothing left to train")
+        total = read_checkpoint_config(path).train.steps if (path / "config.yaml").is_file() else self.cfg.train.steps
+        if total != self.cfg.train.steps and self.cfg.optim.schedule != "constant":
+            self.log(f"checkpoint: saved by a run of train.steps={total}, this one has {self.cfg.train.steps}: the "
+                     f"{self.cfg.optim.schedule} learning-rate schedule follows the new length from step {step} on")
         return step
 
     # -- save --------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("disabled", "offline", "online")
 NONFINITE_POLICIES = ("skip", "stop")
-FAULT_INJECTIONS = ("", "nan", "kill", "kill_in_save", "hang")
+FAULT_INJECTIONS = ("", "nan", "kill", "kill_in_save", "hang", "sigterm")
 
 
 class ConfigError(ValueError):
@@ -142,7 +142,7 @@ class FaultConfig:
     max_skips: int = 3  # skipped steps in a row before the run stops anyway
     watchdog_s: float = 600.0  # a step (collectives included) longer than this ends the run; 0 = off
     # Test hooks, off by default: make a fault happen so that tests can watch it being handled (trainer/faults.py).
-    inject: str = ""  # "" | nan | kill | kill_in_save | hang
+    inject: str = ""  # "" | nan | kill | kill_in_save | hang | sigterm
     inject_step: int = 0  # the step (from 1) it happens at
     inject_rank: int = -1  # the rank it happens on; -1: every rank
     inject_module: str = ""  # nan: the module whose forward output turns NaN, e.g. layers.1.feed_forward.w2

@@ -247,28 +247,37 @@ def _train_bpe(data_cfg: DataConfig, log: Callable[[str], None]) -> str:
     return tokenizer.to_str()
 
 
-def build_tokenizer(data_cfg: DataConfig, run_dir: Path | None, *, log: Callable[[str], None] = print) -> Tokenizer:
-    """The byte tokenizer, or the BPE from run_dir/tokenizer.json, else from the cache, else trained on the
-    training documents; a BPE is always saved as run_dir/tokenizer.json."""
+def build_tokenizer(data_cfg: DataConfig, run_dir: Path | None, *, saved: Path | None = None,
+                    log: Callable[[str], None] = print) -> Tokenizer:
+    """The byte tokenizer, or the BPE the weights were trained with: `saved` (the tokenizer.json beside the
+    checkpoint being loaded), else run_dir/tokenizer.json, else the cache's, else one trained on the training
+    documents. Writes nothing to run_dir: the trainer saves it there (`save_tokenizer`) once its checkpoint loaded."""
     if data_cfg.tokenizer == "byte":
         return ByteTokenizer()
     if data_cfg.tokenizer != "bpe":
         raise ConfigError(f"data.tokenizer={data_cfg.tokenizer!r}: must be one of ['byte', 'bpe']")
-    run_file = Path(run_dir) / "tokenizer.json" if run_dir is not None else None
-    if run_file is not None and run_file.is_file():
-        tokenizer = _read_bpe(run_file)
-        log(f"data: using {run_file} ({tokenizer.vocab_size} tokens); data.bpe_vocab_size is not re-applied")
-        return tokenizer
+    for file in (saved, Path(run_dir) / "tokenizer.json" if run_dir is not None else None):
+        if file is not None and file.is_file():
+            tokenizer = _read_bpe(file)
+            log(f"data: using {file} ({tokenizer.vocab_size} tokens); data.bpe_vocab_size is not re-applied")
+            return tokenizer
     key = _cache_key(data_cfg, vocab=data_cfg.bpe_vocab_size, streaming=data_cfg.streaming)
     cached = Path(data_cfg.cache_dir) / f"tokenizer-{key}.json"
     if not cached.is_file():
         log(f"data: training a {data_cfg.bpe_vocab_size}-token byte-level BPE on {data_cfg.dataset!r}")
         json_text = _train_bpe(data_cfg, log)
         _publish(cached, lambda path: path.write_text(json_text, encoding="utf-8"))
-    tokenizer = _read_bpe(cached)
-    if run_file is not None:
-        _publish(run_file, lambda path: path.write_text(tokenizer.json_text, encoding="utf-8"))
-    return tokenizer
+    return _read_bpe(cached)
+
+
+def save_tokenizer(tokenizer: Tokenizer, run_dir: Path) -> None:
+    """A BPE as run_dir/tokenizer.json (checkpoints copy it), replaced atomically; the byte tokenizer needs no file."""
+    if isinstance(tokenizer, BpeTokenizer):
+        file = Path(run_dir) / "tokenizer.json"
+        if not file.is_file() or file.read_text(encoding="utf-8") != tokenizer.json_text:
+            staged = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+            staged.write_text(tokenizer.json_text, encoding="utf-8")
+            os.replace(staged, file)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,14 +332,15 @@ def _pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[: count * (seq_len + 1)].reshape(count, seq_len + 1)
 
 
-def build_data(cfg: Config, run_dir: Path | None, *, log: Callable[[str], None] = print) -> TokenData:
+def build_data(cfg: Config, run_dir: Path | None, *, saved_tokenizer: Path | None = None,
+               log: Callable[[str], None] = print) -> TokenData:
     """Train and val samples of seq_len + 1 tokens (input = [:-1], target = [1:]), tokenized once and cached."""
     data_cfg, seq_len, seed = cfg.data, cfg.train.seq_len, cfg.train.seed
     if data_cfg.synthetic:
         log(f"data: synthetic random tokens in [0, {cfg.model.vocab_size}), for speed benchmarks only")
         train, val = (SyntheticSamples(cfg.model.vocab_size, seq_len, seed, salt=salt) for salt in (0, 1))
         return TokenData(train=train, val=val, tokenizer=ByteTokenizer())
-    tokenizer = build_tokenizer(data_cfg, run_dir, log=log)
+    tokenizer = build_tokenizer(data_cfg, run_dir, saved=saved_tokenizer, log=log)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's {tokenizer.vocab_size} tokens"

@@ -96,9 +96,12 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: float) -> list[dict[str,
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_gb: float = 5.0,
               dtype: str = "float32") -> Path:
-    """Write the checkpoint's model as a Hugging Face LlamaForCausalLM folder; returns the folder."""
-    from safetensors.torch import save_file
+    """Write the checkpoint's model as a Hugging Face LlamaForCausalLM folder; returns the folder.
 
+    An existing folder is exported over, as save_pretrained does: the files an export writes (model*.safetensors,
+    the index, config.json) are removed first, so no shard of an earlier export is left beside this one's index;
+    any other file there is kept.
+    """
     from trainer.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint
 
     if dtype not in DTYPES:
@@ -107,17 +110,33 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_gb: floa
         raise ConfigError(f"max_shard_gb={max_shard_gb}: must be > 0")
     path = resolve_checkpoint(checkpoint)
     check_exportable(read_checkpoint_config(path).model)  # before reading any weights
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={str(out)!r}: exists and is not a folder")
+    try:  # before reading weights, which can take minutes
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"out={str(out)!r}: cannot create the folder ({exc.strerror or exc})")
     model, cfg, path = load_model(path)
     tensors = {get_hf_name(name): value.detach().to(DTYPES[dtype]).contiguous()
                for name, value in model.state_dict().items()
                if not (cfg.model.tie_embeddings and name == "output.weight")}  # tied: HF shares embed_tokens
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    eos_id = _eos_id(cfg, path)
+    try:
+        _write_hf(out, tensors, get_hf_config(cfg.model, dtype=dtype, eos_id=eos_id), max_shard_gb * 2**30)
+    except OSError as exc:
+        raise ConfigError(f"out={str(out)!r}: cannot write {Path(exc.filename or '').name or 'the export'}"
+                          f" ({exc.strerror or exc})")
+    return out
+
+
+def _write_hf(out: Path, tensors: dict[str, torch.Tensor], config: dict, max_shard_bytes: float) -> None:
+    from safetensors.torch import save_file
+
     for stale in [*out.glob("model*.safetensors"), out / INDEX]:  # never mix files of two exports
         stale.unlink(missing_ok=True)
-    eos_id = _eos_id(cfg, path)
-    (out / "config.json").write_text(json.dumps(get_hf_config(cfg.model, dtype=dtype, eos_id=eos_id), indent=2))
-    shards = _shard(tensors, max_shard_gb * 2**30)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    shards = _shard(tensors, max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], out / "model.safetensors", metadata=metadata)
@@ -129,7 +148,6 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_gb: floa
             weight_map.update({key: name for key in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return out
 
 
 def _eos_id(cfg, path: Path) -> int | None:
@@ -165,24 +183,50 @@ def _check_hf_config(config: dict, model_cfg: ModelConfig, hf_dir: Path) -> None
         raise ConfigError(f"checkpoint.load='hf:{hf_dir}': does not match this model: {'; '.join(diffs)}")
 
 
-def _hf_files(hf_dir: Path) -> dict[str, Path]:
-    """HF tensor name -> the safetensors file holding it."""
+def _hf_tensors(hf_dir: Path) -> dict[str, tuple[Path, list[int]]]:
+    """HF tensor name -> (the safetensors file holding it, its shape), from the headers of every file, all read
+    before any weight is copied, so a missing or corrupt file never leaves the model half-filled."""
+    from safetensors import SafetensorError, safe_open
+
+    where = f"checkpoint.load='hf:{hf_dir}'"
     index = hf_dir / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: hf_dir / file for name, file in weight_map.items()}
-    single = hf_dir / "model.safetensors"
-    if not single.is_file():
-        raise ConfigError(f"checkpoint.load='hf:{hf_dir}': no model.safetensors nor {INDEX} (only safetensors weights load)")
-    from safetensors import safe_open
-
-    with safe_open(single, framework="pt") as file:
-        return {name: single for name in file.keys()}
+        try:
+            index_json = json.loads(index.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{where}: cannot read {INDEX} ({type(exc).__name__}: {exc})")
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(file, str) for file in weight_map.values())):
+            raise ConfigError(f"{where}: {INDEX} has no weight_map of tensor names to file names")
+    elif (hf_dir / "model.safetensors").is_file():
+        weight_map = None
+    else:
+        raise ConfigError(f"{where}: no model.safetensors nor {INDEX} (only safetensors weights load)")
+    tensors = {}
+    for file in dict.fromkeys(weight_map.values()) if weight_map else ["model.safetensors"]:
+        path = hf_dir / file
+        if not path.exists():
+            raise ConfigError(f"{where}: {file} is missing" + (f" (named in {INDEX})" if weight_map else ""))
+        try:
+            with safe_open(path, framework="pt") as opened:
+                shapes = {name: opened.get_slice(name).get_shape() for name in opened.keys()}
+        except (OSError, SafetensorError) as exc:
+            raise ConfigError(f"{where}: {file} is not a readable safetensors file ({exc})")
+        names = [name for name, held_in in weight_map.items() if held_in == file] if weight_map else shapes
+        for name in names:
+            if name not in shapes:
+                raise ConfigError(f"{where}: {INDEX} puts {name} in {file}, which does not hold it")
+            tensors[name] = (path, shapes[name])
+    return tensors
 
 
 @torch.no_grad()
 def load_hf_weights(parts: list[nn.Module], hf_dir: str | Path, model_cfg: ModelConfig) -> None:
-    """Fill every parameter of `parts` from the folder; each rank reads full tensors and keeps its shard."""
+    """Fill every parameter of `parts` from the folder; each rank reads full tensors and keeps its shard.
+
+    Every file, name and shape is checked from the headers first: on a ConfigError the parts are untouched.
+    """
     from safetensors import safe_open
 
     hf_dir = Path(hf_dir)
@@ -191,26 +235,30 @@ def load_hf_weights(parts: list[nn.Module], hf_dir: str | Path, model_cfg: Model
     except (OSError, ValueError) as exc:
         raise ConfigError(f"checkpoint.load='hf:{hf_dir}': cannot read config.json ({exc})")
     _check_hf_config(config, model_cfg, hf_dir)
-    files = _hf_files(hf_dir)
+    tensors = _hf_tensors(hf_dir)
+    params_by_file: dict[Path, list[tuple[str, nn.Parameter]]] = {}
     for part in parts:
         for name, param in part.named_parameters():
             hf_name = get_hf_name(get_clean_name(name))
-            if hf_name == "lm_head.weight" and hf_name not in files:  # tied in the HF model
+            if hf_name == "lm_head.weight" and hf_name not in tensors:  # tied in the HF model
                 hf_name = "model.embed_tokens.weight"
-            if hf_name not in files:
+            if hf_name not in tensors:
                 raise ConfigError(f"checkpoint.load='hf:{hf_dir}': no tensor {hf_name}")
-            with safe_open(files[hf_name], framework="pt", device="cpu") as file:
-                full = file.get_tensor(hf_name)
-            if tuple(full.shape) != tuple(param.shape):
-                raise ConfigError(f"checkpoint.load='hf:{hf_dir}': {hf_name} is {list(full.shape)} there,"
+            path, shape = tensors[hf_name]
+            if tuple(shape) != tuple(param.shape):
+                raise ConfigError(f"checkpoint.load='hf:{hf_dir}': {hf_name} is {list(shape)} there,"
                                   f" {list(param.shape)} here")
-            full = full.to(device=param.device, dtype=param.dtype)
-            if isinstance(param, DTensor):
-                # Every rank read the same full tensor, so each slices its shard locally (as materialize does).
-                param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements,
-                                                         src_data_rank=None).to_local())
-            else:
-                param.copy_(full)
+            params_by_file.setdefault(path, []).append((hf_name, param))
+    for path, params in params_by_file.items():
+        with safe_open(path, framework="pt", device="cpu") as file:
+            for hf_name, param in params:
+                full = file.get_tensor(hf_name).to(device=param.device, dtype=param.dtype)
+                if isinstance(param, DTensor):
+                    # Every rank read the same full tensor, so each slices its shard locally (as materialize does).
+                    param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements,
+                                                             src_data_rank=None).to_local())
+                else:
+                    param.copy_(full)
 
 
 # ---------------------------------------------------------------------------------------------

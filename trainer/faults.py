@@ -313,6 +313,7 @@ class FaultInjector:
     nan: a forward hook writes NaN into fault.inject_module's output for fault.inject_repeat steps. kill: SIGKILL
     right after the step's update. kill_in_save: SIGKILL inside that step's checkpoint save, once the files are
     written and before the COMMITTED marker. hang: sleep inside the step until something ends the process.
+    sigterm: SIGTERM to this process right after the step's update (a preemption at a known step).
     kill and kill_in_save happen only in the first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT=0).
     """
 
@@ -354,8 +355,10 @@ class FaultInjector:
     def end_step(self, step: int) -> None:
         if self._due("kill", step) and self.env.restart_count == 0:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._due("sigterm", step):
+            os.kill(os.getpid(), signal.SIGTERM)
         if self._due("nan", step) and self.hooked and not self.wrote_nan:
-            # e.g. wq/wk/wv/w1/w3 under fused projections: their weights are used, their forward never runs
+            # a module whose weights are used but whose own forward never runs
             raise ConfigError(f"fault.inject_module={self.cfg.inject_module!r}: its forward never ran in step {step};"
                               " choose a module that is called (e.g. layers.0.attention.wo, layers.0.feed_forward.w2)")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,22 +43,54 @@ def format_metrics(step: int, total: int, m: dict) -> str:
     return " | ".join(parts)
 
 
+SUPERSEDED = "metrics.superseded.jsonl"
+
+
 class MetricsLogger:
-    """Console (a live line on a terminal, plain lines otherwise), JSONL, and optional wandb."""
+    """Console (a live line on a terminal, plain lines otherwise), JSONL, and optional wandb.
+
+    Console lines work at once; metrics.jsonl and wandb only after `open`, which the trainer calls once the
+    checkpoint has loaded, so a run that fails on its inputs leaves an existing run's log as it was.
+    """
 
     def __init__(self, run_dir: Path, *, enabled: bool, progress: str = "auto", wandb_mode: str = "disabled",
-                 wandb_project: str = "ridgeline", config: dict | None = None, resume: bool = False):
-        self.enabled = enabled
+                 wandb_project: str = "ridgeline", config: dict | None = None):
+        self.enabled, self.run_dir = enabled, Path(run_dir)
         self.live = enabled and (progress == "bar" or (progress == "auto" and sys.stdout.isatty()))
+        self.wandb_mode, self.wandb_project, self.config = wandb_mode, wandb_project, config
         self.jsonl = None
         self.wandb = None
         self.start = time.time()
-        if not enabled:
+
+    def open(self, resumed_step: int | None) -> None:
+        """Start metrics.jsonl: a fresh run rewrites it; a run resumed at `resumed_step` appends to it, after
+        moving the records of later steps (work the resume redoes) to metrics.superseded.jsonl."""
+        if not self.enabled:
             return
-        # Append: a resumed run keeps the lines written before it.
-        self.jsonl = open(run_dir / "metrics.jsonl", "a" if resume else "w", buffering=1)
-        if wandb_mode != "disabled":
-            self.wandb = _start_wandb(run_dir, wandb_mode, wandb_project, config)
+        path = self.run_dir / "metrics.jsonl"
+        if resumed_step is not None and path.is_file():
+            self._supersede(path, resumed_step)
+        self.jsonl = open(path, "a" if resumed_step is not None else "w", buffering=1)
+        if self.wandb_mode != "disabled":
+            self.wandb = _start_wandb(self.run_dir, self.wandb_mode, self.wandb_project, self.config)
+
+    def _supersede(self, path: Path, resumed_step: int) -> None:
+        kept, superseded = [], []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                step = json.loads(line)["step"] if line.endswith("\n") else None
+            except (ValueError, KeyError, TypeError):
+                step = None  # a line torn by a crash
+            (kept if step is not None and step <= resumed_step else superseded).append(line)
+        if not superseded:
+            return
+        with open(self.run_dir / SUPERSEDED, "a") as file:
+            file.writelines(line if line.endswith("\n") else line + "\n" for line in superseded)
+        staged = path.with_name(path.name + ".tmp")
+        staged.write_text("".join(kept))
+        os.replace(staged, path)
+        self.info(f"metrics: {len(superseded)} records past step {resumed_step} (redone from the checkpoint) moved to "
+                  f"{SUPERSEDED}")
 
     def info(self, message: str) -> None:
         if self.enabled:

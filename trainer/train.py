@@ -21,9 +21,9 @@ from torch.profiler import record_function
 from models import count_params, flops_per_token
 from parallel import ParallelModel, build_mesh, build_parallel_model, clip_grad_norm_, get_dp_rank_and_size
 from parallel.plan import PlannerCheck
-from trainer.checkpoint import Checkpointer, find_load_source, get_checkpoint_dir
+from trainer.checkpoint import CHECKPOINTS, Checkpointer, find_load_source, get_checkpoint_dir
 from trainer.config import Config, ConfigError, get_micro_batch_size, get_microbatches, to_yaml, validate
-from trainer.data import SampleStream, build_data, val_batches
+from trainer.data import SampleStream, build_data, save_tokenizer, val_batches
 from trainer.env import (configure_cuda_allocator, destroy_process_group, get_env, get_memory_gb, get_peak_tflops,
                          init_process_group)
 from trainer.faults import FaultHandlers, FaultInjector, NonfiniteGuard
@@ -81,6 +81,9 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
             probe.unlink()
         except OSError as exc:
             raise ConfigError(f"run.dir={cfg.run.dir!r}: not writable ({exc.strerror})")
+        checkpoints = run_dir / CHECKPOINTS
+        if checkpoints.exists() and not checkpoints.is_dir():
+            raise ConfigError(f"run.dir={cfg.run.dir!r}: {checkpoints} is not a folder (checkpoints go there)")
     return run_dir
 
 
@@ -135,7 +138,10 @@ def train(cfg: Config) -> dict:
     degrees = validate(cfg, env.world_size)
     configure_cuda_allocator(env)
     run_dir = prepare_run_dir(cfg, env.is_main)
-    data = build_data(cfg, run_dir if env.is_main else None, log=print if env.is_main else lambda *_: None)
+    # A BPE comes from the checkpoint being loaded when it has one: the weights were trained with it.
+    source = find_load_source(cfg.checkpoint, run_dir)
+    saved_tokenizer = source.path / "tokenizer.json" if source.path is not None else None
+    data = build_data(cfg, run_dir, saved_tokenizer=saved_tokenizer, log=print if env.is_main else lambda *_: None)
     # Collectives time out after the step watchdog has had its say (fault.watchdog_s names the rank and step).
     init_process_group(env, cfg.parallel.backend, timeout_s=max(600.0, 2 * cfg.fault.watchdog_s))
     torch.manual_seed(cfg.train.seed)
@@ -152,9 +158,9 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
     t = cfg.train
     faults = faults or FaultHandlers(cfg.fault, env, install=False)
     injector = FaultInjector(cfg.fault, env, cfg.model)  # test hooks; checks fault.inject_module first
-    source = find_load_source(cfg.checkpoint, run_dir)  # a resumed run appends to its metrics.jsonl
+    source = find_load_source(cfg.checkpoint, run_dir)
     logger = MetricsLogger(run_dir, enabled=env.is_main, progress=cfg.log.progress, wandb_mode=cfg.log.wandb,
-                           wandb_project=cfg.log.wandb_project, resume=source.resumes)
+                           wandb_project=cfg.log.wandb_project)
     mesh = build_mesh(degrees, env.device.type) if env.world_size > 1 else None
     dp_rank, dp_size = get_dp_rank_and_size(mesh)
     pp_microbatches = get_microbatches(cfg.parallel, degrees["pp"]) if degrees["pp"] > 1 else 1
@@ -179,6 +185,8 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
     stream = SampleStream(data.train, seed=t.seed)
     val = val_batches(data, t.global_batch_size, t.val_batches, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
                       dp_size=dp_size) if t.val_batches and degrees["pp"] == 1 else []
+    if t.val_batches and degrees["pp"] > 1:
+        pm.notes.append("validation off: a pipeline layout (parallel.pp > 1) runs no validation; train.val_batches ignored")
     tokens_per_step = t.global_batch_size * t.seq_len
     step_flops = flops_per_token(cfg.model, t.seq_len) * tokens_per_step
     peak = get_peak_tflops(env.device, cfg.log.peak_tflops)
@@ -206,7 +214,10 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
     step = checkpointer.load(source)
     if env.is_main:  # only now: a run that fails on its inputs leaves an existing run dir as it was
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        save_tokenizer(data.tokenizer, run_dir)
+    logger.open(step if source.resumes else None)  # a resumed run appends to its metrics.jsonl
     loss_sum, last_log_time, last_log_step = None, time.perf_counter(), step
+    window = checkpointer.train_state  # the log window a preempted run left open (empty otherwise)
     start_time, last = last_log_time, {}
     profiler = Profiler(cfg, env, run_dir, logger=logger, models=pm.models, optimizer=optimizer)  # profile.*: nothing when off
     layer_stats = build_layer_stats(cfg, pm.models, degrees, env.world_size, logger)  # log.layer_stats
@@ -234,13 +245,19 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
         loss = guard.masked(loss)
         loss_sum = loss if loss_sum is None else loss_sum + loss
         injector.end_step(step)
+        preempted = faults.agree_on_signal()  # one tiny host collective per step (trainer/faults.py)
 
-        if step % cfg.log.every == 0 or step == t.steps:
+        holders = env.world_size // degrees["pp"]  # the ranks of the last pipeline stage hold the loss
+        # Checkpoint steps are log steps too (a crash resumes at a window's start); a preemption carries its
+        # open window in the checkpoint instead.
+        if step % cfg.log.every == 0 or step == t.steps or checkpointer.is_due(step):
             # The only host syncs of the loop: reading the loss, norm and non-finite flags at a log step.
             guard.check()
             steps_done = step - last_log_step
-            trained = steps_done - guard.take_skipped()  # the mean covers the steps that were not skipped
-            mean_loss = get_global_mean(loss_sum / trained, env.world_size, holders=env.world_size // degrees["pp"])
+            skipped = guard.take_skipped() + window.window_skipped
+            trained = steps_done + window.window_trained + window.window_skipped - skipped  # skipped steps excluded
+            mean_loss = (get_global_mean(loss_sum, env.world_size, holders=holders) + window.window_loss_sum) / trained \
+                if trained else float("nan")
             # Timed after the sync and back to back (logging included), so the rate is what the device did.
             now = time.perf_counter()
             elapsed, last_log_time = now - last_log_time, now
@@ -255,12 +272,20 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
                 "mem_gb": get_memory_gb(env.device),
                 "eta_s": (t.steps - step) * elapsed / steps_done,
             }
-            if steps_done > trained:
-                last["skipped_steps"] = steps_done - trained
+            if skipped:
+                last["skipped_steps"] = skipped
             if trained and not math.isfinite(last["loss"]):
                 raise FloatingPointError(f"loss is {last['loss']} at step {step}")
             logger.log(step, t.steps, last)
             planner.maybe_log(step, t.steps, last)
+            loss_sum, last_log_step = None, step
+            window.window_loss_sum, window.window_trained, window.window_skipped = 0.0, 0, 0
+        elif preempted and checkpointer.saving:
+            guard.check()
+            skipped = guard.take_skipped()
+            window.window_loss_sum += get_global_mean(loss_sum, env.world_size, holders=holders) if loss_sum is not None else 0.0
+            window.window_trained += step - last_log_step - skipped
+            window.window_skipped += skipped
             loss_sum, last_log_step = None, step
         if val and (step % t.val_every == 0 or step == t.steps):
             val_loss = evaluate(pm.parts[0], val, compute_context=compute_context, device=env.device, loss_parallel=pm.loss_parallel,
@@ -268,7 +293,6 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
             last["val_loss"] = get_global_mean(val_loss, env.world_size, holders=env.world_size)
             logger.info(f"step {step}/{t.steps} | val loss {last['val_loss']:.4f}")
             logger.log(step, t.steps, {"val_loss": last["val_loss"]}, show=False)
-        preempted = faults.agree_on_signal()  # one tiny host collective per step (trainer/faults.py)
         faults.step_finished()
         if preempted or checkpointer.is_due(step):
             guard.check()  # a non-finite state is never saved
