@@ -58,6 +58,10 @@ def world(tmp_path_factory, one_thread):
     (garbled / ".metadata").write_bytes(os.urandom((garbled / ".metadata").stat().st_size))
     incomplete = broken("incomplete")
     (incomplete / "COMMITTED").unlink()
+    flipped = broken("flipped")  # same size, NaN bytes mid-file: no reader error, only the values are wrong
+    with open(flipped / "__0_0.distcp", "r+b") as file:
+        file.seek((flipped / "__0_0.distcp").stat().st_size // 8 * 4)
+        file.write(b"\xff" * 8)
     truncated = broken("truncated")
     (truncated / "__0_0.distcp").write_bytes((truncated / "__0_0.distcp").read_bytes()[:100])
     data = root / "data"
@@ -82,7 +86,7 @@ def world(tmp_path_factory, one_thread):
     shutil.copy2(existing / "metrics.jsonl", checkpoints_file / "metrics.jsonl")
     (checkpoints_file / "checkpoints").write_text("")
     return {"root": root, "existing": existing, "seeded": seeded, "bpe": bpe, "checkpoint": checkpoint,
-            "garbled": garbled, "incomplete": incomplete, "truncated": truncated, "data": data,
+            "garbled": garbled, "incomplete": incomplete, "truncated": truncated, "flipped": flipped, "data": data,
             "checkpoints_file": checkpoints_file}
 
 
@@ -130,6 +134,7 @@ CASES = {
     "corrupt checkpoint metadata": ("cannot read .metadata", "seeded", ["checkpoint.load={garbled}"]),
     "checkpoint without its marker": ("incomplete checkpoint", "seeded", ["checkpoint.load={incomplete}"]),
     "truncated checkpoint file": ("corrupted or truncated", "seeded", ["checkpoint.load={truncated}"]),
+    "checkpoint with NaN bytes": ("non-finite values in", "seeded", ["checkpoint.load={flipped}"]),
     "not a checkpoint folder": ("not a checkpoint folder", "seeded", ["checkpoint.load={root}/not_a_checkpoint"]),
     "hf folder without config.json": ("no config.json", "seeded", ["checkpoint.load=hf:{root}/hf_without_config"]),
     "checkpoint from another model shape": ("it was saved for another model (model.dim=64 there, 128 here", "seeded",

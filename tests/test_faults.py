@@ -161,6 +161,32 @@ def test_nonfinite_stop_names_the_module(tmp_path, capsys, one_thread, skip_mode
         assert torch.isfinite(tensor).all()
 
 
+def test_nonfinite_weights_are_never_saved(tmp_path, one_thread, monkeypatch):
+    """Weights that turn NaN behind a finite gradient norm (what the guard cannot see): the save refuses, and the
+    earlier checkpoint stays the newest."""
+    import torch
+
+    import trainer.train
+    from trainer.faults import NonFiniteError
+
+    clip = trainer.train.clip_grad_norm_
+    calls = []
+
+    def clip_then_poison(params, *args):
+        norm = clip(params, *args)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                params[0].fill_(float("nan"))
+        return norm
+
+    monkeypatch.setattr(trainer.train, "clip_grad_norm_", clip_then_poison)
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="non-finite values in model.* at step 4: not saved"):
+        train_here([f"run.dir={run_dir}", "train.steps=8", "checkpoint.every=2"])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Preemption, restarts, hangs, crashes inside a save.
 

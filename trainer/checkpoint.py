@@ -37,9 +37,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 
 from models import Transformer
 from trainer.config import CheckpointConfig, Config, ConfigError, to_yaml
+from trainer.faults import NonFiniteError
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMMITTED"
@@ -239,6 +241,27 @@ def _dcp_load(state: dict, path: Path) -> None:
         raise ConfigError(f"checkpoint {path}: reading failed (corrupted?): {_one_line(exc)}")
 
 
+def find_nonfinite(states: dict[str, "Stateful"], device: torch.device) -> str:
+    """The first entry of `states` (this rank's tensors, DTensor shards included) holding a NaN or Inf, else "";
+    the answer is agreed over every rank, which must all call it."""
+    found = ""
+    for name, state in states.items():
+        for key, value in state.state_dict().items():
+            if isinstance(value, DTensor):
+                value = value.to_local()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                found = f"{name}.{key}"
+                break
+        if found:
+            break
+    if not _no_dist():
+        flag = torch.tensor(float(bool(found)), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not found:
+            found = "a tensor held by another rank"
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # The state, as Stateful objects holding tensors only.
 
@@ -421,6 +444,10 @@ class Checkpointer:
         template = {name: state.state_dict() for name, state in states.items()}
         check_checkpoint(path, template, model_cfg=self.cfg.model)
         _dcp_load(states, path)
+        bad = find_nonfinite({"model": states["model"], "optimizer": states["optimizer"]}, self.env.device)
+        if bad:  # DCP files carry no checksums: a flipped byte shows up as NaN or Inf at best
+            raise ConfigError(f"checkpoint {path}: non-finite values in {bad} (a corrupted file?); move it away to "
+                              "resume from the one before")
         step = self.loaded_step = self.train_state.step
         self.log(f"checkpoint: resumed from {path} (step {step}, sample {self.states['data'].obj.position},"
                  f" saved by {info.get('world_size', '?')} processes: {info.get('layout', '?')})"
@@ -447,6 +474,9 @@ class Checkpointer:
 
     def save(self, step: int) -> None:
         self.wait()
+        bad = find_nonfinite({"model": self.states["model"]}, self.env.device)
+        if bad:  # the guard skips non-finite updates; this catches what it cannot see (e.g. a corrupted load)
+            raise NonFiniteError(f"non-finite values in {bad} at step {step}: not saved, earlier checkpoints kept")
         path = get_checkpoint_dir(self.run_dir, step)
         if self.env.is_main and path.exists():  # an unfinished (or superseded) save of this step
             (path / MARKER).unlink(missing_ok=True)
