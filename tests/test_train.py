@@ -76,19 +76,33 @@ def test_lr_schedules(schedule):
         assert factors[79] == 1.0 and factors[85] < 1.0
 
 
-def test_default_micro_batch_and_val_set_follow_the_layout(tmp_path, one_thread):
-    """train.micro_batch_size=0 (the default) gives each rank its share of the global batch, and the validation set
-    is shared out the same way: 2 data-parallel processes log the one-process training and validation losses."""
+VAL_COMMON = ["recipe=debug", "model.num_layers=4", "train.micro_batch_size=0", "train.steps=4", "train.val_every=4",
+              "log.every=4", "checkpoint.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def one_process_val(tmp_path_factory) -> dict:
     from trainer.train import train
 
-    common = ["recipe=debug", "train.micro_batch_size=0", "train.steps=4", "train.val_every=4", "log.every=4",
-              "checkpoint.enabled=false"]
-    train(load_config([*common, f"run.dir={tmp_path / 'one'}"]))
+    run_dir = tmp_path_factory.mktemp("val_one")
+    train(load_config([*VAL_COMMON, f"run.dir={run_dir}"]))
+    return {k: v for r in read_metrics(run_dir) for k, v in r.items()}
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.dp_replicate=2", "parallel.zero=0"],
+    ["parallel.pp=2", "parallel.pp_schedule=1f1b"],
+    ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.virtual_stages=2"],
+], ids=["ddp2", "pp2_1f1b", "pp2_interleaved"])
+def test_default_micro_batch_and_val_set_follow_the_layout(tmp_path, one_process_val, layout):
+    """train.micro_batch_size=0 (the default) gives each rank its share of the global batch, and the validation set
+    is shared out the same way (a pipeline through the schedule's forward-only pass): 2 processes log the
+    one-process training and validation losses."""
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer", *common,
-         "parallel.dp_replicate=2", "parallel.zero=0", f"run.dir={tmp_path / 'two'}"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer",
+         *VAL_COMMON, *layout, f"run.dir={tmp_path}"],
         cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = ({k: v for r in read_metrics(tmp_path / name) for k, v in r.items()} for name in ("one", "two"))
-    assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
-    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
+    two = {k: v for r in read_metrics(tmp_path) for k, v in r.items()}
+    assert two["loss"] == pytest.approx(one_process_val["loss"], abs=1e-5)
+    assert two["val_loss"] == pytest.approx(one_process_val["val_loss"], abs=1e-5)

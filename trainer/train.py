@@ -120,17 +120,28 @@ def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, com
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor], *, compute_context, device, loss_parallel: bool,
+def evaluate(pm: ParallelModel, batches: list[torch.Tensor], *, accumulation: int, compute_context, device,
              model_loss=get_model_loss(fused=False, compiled=False)) -> torch.Tensor:
-    """Mean loss over this rank's fixed validation batches (its data-parallel share of the set)."""
-    model.eval()
-    losses = []
+    """Mean loss over this rank's fixed validation batches (its data-parallel share of the set); zero on
+    pipeline ranks without the last stage. A pipeline runs the schedule's forward-only pass."""
+    for part in pm.parts:
+        part.eval()
+    total = torch.zeros((), device=device)
     for batch in batches:
         batch = batch.to(device)
-        with compute_context(), (loss_parallel_context() if loss_parallel else contextlib.nullcontext()):
-            losses.append(model_loss(model, batch[:, :-1], batch[:, 1:]))
-    model.train()
-    return torch.stack(losses).mean()
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with compute_context(), (loss_parallel_context() if pm.loss_parallel else contextlib.nullcontext()):
+            if pm.schedule is None:
+                total += model_loss(pm.parts[0], inputs, targets)
+            else:
+                losses = []
+                kwargs = {"target": targets, "losses": losses} if pm.is_last_stage else {}
+                pm.schedule.eval(*([inputs] if pm.is_first_stage else []), **kwargs)
+                if losses:  # loss_fn divided each microbatch's loss by accumulation x microbatches
+                    total += torch.stack(losses).sum() * accumulation
+    for part in pm.parts:
+        part.train()
+    return total / len(batches)
 
 
 def train(cfg: Config) -> dict:
@@ -183,10 +194,13 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
         pm.notes.append("train.fused_loss ignored: pipeline and tensor-parallel layouts compute the loss from logits")
     model_loss = get_model_loss(fused=fused_loss, compiled=t.compile and not pm.loss_parallel)
     stream = SampleStream(data.train, seed=t.seed)
-    val = val_batches(data, t.global_batch_size, t.val_batches, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
-                      dp_size=dp_size) if t.val_batches and degrees["pp"] == 1 else []
-    if t.val_batches and degrees["pp"] > 1:
-        pm.notes.append("validation off: a pipeline layout (parallel.pp > 1) runs no validation; train.val_batches ignored")
+    # A pipeline takes its microbatches' rows in one schedule call. ZBV's forward-only pass fails inside
+    # torch.distributed.pipelining (a stage without backward), so that schedule runs no validation.
+    validates = t.val_batches and not (degrees["pp"] > 1 and cfg.parallel.pp_schedule == "zbv")
+    val = val_batches(data, t.global_batch_size, t.val_batches, micro_batch_size=micro_batch_size * pp_microbatches,
+                      dp_rank=dp_rank, dp_size=dp_size) if validates else []
+    if t.val_batches and not validates:
+        pm.notes.append("validation off: parallel.pp_schedule='zbv' has no forward-only pass; train.val_batches ignored")
     tokens_per_step = t.global_batch_size * t.seq_len
     step_flops = flops_per_token(cfg.model, t.seq_len) * tokens_per_step
     peak = get_peak_tflops(env.device, cfg.log.peak_tflops)
@@ -218,6 +232,7 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
     logger.open(step if source.resumes else None)  # a resumed run appends to its metrics.jsonl
     loss_sum, last_log_time, last_log_step = None, time.perf_counter(), step
     window = checkpointer.train_state  # the log window a preempted run left open (empty otherwise)
+    holders = env.world_size // degrees["pp"]  # the ranks of the last pipeline stage hold the losses
     start_time, last = last_log_time, {}
     profiler = Profiler(cfg, env, run_dir, logger=logger, models=pm.models, optimizer=optimizer)  # profile.*: nothing when off
     layer_stats = build_layer_stats(cfg, pm.models, degrees, env.world_size, logger)  # log.layer_stats
@@ -247,7 +262,6 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
         injector.end_step(step)
         preempted = faults.agree_on_signal()  # one tiny host collective per step (trainer/faults.py)
 
-        holders = env.world_size // degrees["pp"]  # the ranks of the last pipeline stage hold the loss
         # Checkpoint steps are log steps too (a crash resumes at a window's start); a preemption carries its
         # open window in the checkpoint instead.
         if step % cfg.log.every == 0 or step == t.steps or checkpointer.is_due(step):
@@ -288,9 +302,9 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
             window.window_skipped += skipped
             loss_sum, last_log_step = None, step
         if val and (step % t.val_every == 0 or step == t.steps):
-            val_loss = evaluate(pm.parts[0], val, compute_context=compute_context, device=env.device, loss_parallel=pm.loss_parallel,
+            val_loss = evaluate(pm, val, accumulation=accumulation, compute_context=compute_context, device=env.device,
                                 model_loss=model_loss)
-            last["val_loss"] = get_global_mean(val_loss, env.world_size, holders=env.world_size)
+            last["val_loss"] = get_global_mean(val_loss, env.world_size, holders=holders)
             logger.info(f"step {step}/{t.steps} | val loss {last['val_loss']:.4f}")
             logger.log(step, t.steps, {"val_loss": last["val_loss"]}, show=False)
         faults.step_finished()
