@@ -178,6 +178,17 @@ def test_bad_inputs_give_one_line_and_touch_nothing(world, capsys):
     assert not failures, "\n".join(failures)
 
 
+def test_failed_run_creates_no_run_dir(world, capsys):
+    """Errors found after the config checks (a checkpoint, the data) leave no new folder behind either."""
+    for overrides in (["checkpoint.load={root}/not_a_checkpoint"], ["data.dataset={data}/empty.txt"],
+                      ["checkpoint.load=hf:{root}/hf", "model.dim=128", "model.ffn_dim=256"]):
+        run_dir = world["root"] / "fresh" / "run"
+        code, err = run_main(capsys, [*BASE, f"data.cache_dir={world['root'] / 'cache'}", f"run.dir={run_dir}",
+                                      *[o.format(**world) for o in overrides]])
+        assert code == 2 and err.splitlines()[-1].startswith("error: "), err
+        assert not (world["root"] / "fresh").exists(), overrides
+
+
 def test_tensor_parallel_degree_not_dividing_heads(world, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # validation reads the world size torchrun would set
     code, err = run_main(capsys, [*BASE, f"data.cache_dir={CACHE}", f"run.dir={world['existing']}", "parallel.tp=3"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -72,15 +73,15 @@ def get_compute_context(cfg: Config, device: torch.device, *, fsdp: bool):
 
 
 def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
+    """Check that run.dir can be written, without creating it: the trainer creates it once the checkpoint has
+    loaded, so a run that fails on its inputs leaves no new folder behind."""
     run_dir = Path(cfg.run.dir)
     if is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write_test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(f"run.dir={cfg.run.dir!r}: not writable ({exc.strerror})")
+        existing = run_dir.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"run.dir={cfg.run.dir!r}: not writable ({existing} is not a writable folder)")
         checkpoints = run_dir / CHECKPOINTS
         if checkpoints.exists() and not checkpoints.is_dir():
             raise ConfigError(f"run.dir={cfg.run.dir!r}: {checkpoints} is not a folder (checkpoints go there)")
@@ -226,10 +227,11 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
     guard = NonfiniteGuard(cfg.fault, optimizer, env=env, run_dir=run_dir, model_cfg=cfg.model, models=pm.models,
                            rerun=rerun, log=logger.info)
     step = checkpointer.load(source)
-    if env.is_main:  # only now: a run that fails on its inputs leaves an existing run dir as it was
+    if env.is_main and step < t.steps:  # only now: a run that fails on its inputs leaves the run dir as it was
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         save_tokenizer(data.tokenizer, run_dir)
-    logger.open(step if source.resumes else None)  # a resumed run appends to its metrics.jsonl
+        logger.open(step if source.resumes else None)  # a resumed run appends to its metrics.jsonl
     loss_sum, last_log_time, last_log_step = None, time.perf_counter(), step
     window = checkpointer.train_state  # the log window a preempted run left open (empty otherwise)
     holders = env.world_size // degrees["pp"]  # the ranks of the last pipeline stage hold the losses
