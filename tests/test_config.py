@@ -132,6 +132,32 @@ BAD = [
     pytest.param(["parallel.zero=4"], ["parallel.zero=4"], id="zero-stage"),
     pytest.param(["parallel.pp=0"], ["parallel.pp=0"], id="zero-degree"),
     pytest.param(["train.steps=0"], ["train.steps=0"], id="zero-steps"),
+    # NaN/inf through the CLI parser (the per-key table is test_nonfinite_float_rejected)
+    pytest.param(["optim.lr=nan"], ["optim.lr=nan", "finite"], id="lr-nan"),
+    pytest.param(["optim.lr=inf"], ["optim.lr=inf", "finite"], id="lr-inf"),
+    pytest.param(["model.init_std=inf"], ["model.init_std=inf", "finite"], id="init-std-inf"),
+    pytest.param(["optim.grad_clip=-inf"], ["optim.grad_clip=-inf", "0 turns clipping off"], id="grad-clip-neg-inf"),
+    # Interpolations fail when resolved: one line naming the key and the text
+    pytest.param(["train.steps=${nope}"], ["train.steps='${nope}'", "nope", "not found"], id="interp-missing"),
+    pytest.param(
+        ["train.steps=${oc.env:RIDGELINE_TEST_SURELY_UNSET}"], ["train.steps=", "RIDGELINE_TEST_SURELY_UNSET"],
+        id="interp-env-unset",
+    ),
+    pytest.param(["train.steps=${run.dir}"], ["train.steps='${run.dir}'", "Integer"], id="interp-wrong-type"),
+    # A whole section given a scalar
+    pytest.param(["run=5"], ["run=5", "mapping", "run."], id="section-scalar"),
+    pytest.param(["fault=null"], ["fault=None", "mapping"], id="section-null"),
+    pytest.param(["profile=[1]"], ["profile=[1]", "mapping"], id="section-list"),
+    pytest.param(["train=5"], ["train='5'", "cpu", "gpu"], id="group-scalar"),
+    # hf: with no folder (YAML reads a bare `hf:` as a mapping)
+    pytest.param(["checkpoint.load=hf:"], ["checkpoint.load='hf:'", "needs a folder after hf:"], id="hf-bare"),
+    pytest.param(["checkpoint.load='hf:'"], ["checkpoint.load='hf:'", "needs a folder after hf:"], id="hf-quoted"),
+    pytest.param(["checkpoint.load=hf:/nonexistent"], ["checkpoint.load='hf:/nonexistent'", "no such"], id="hf-missing"),
+    # torch.manual_seed takes [-2**63, 2**64 - 1]; negative seeds stay out
+    pytest.param([f"train.seed={2**64}"], [f"train.seed={2**64}", "2**64 - 1"], id="seed-too-big"),
+    pytest.param(["train.seed=-1"], ["train.seed=-1"], id="seed-negative"),
+    pytest.param(["data.dataset=''"], ["data.dataset=''", "kjv"], id="dataset-empty"),
+    pytest.param(["data.dataset=' '"], ["data.dataset=' '", "kjv"], id="dataset-blank"),
 ]
 
 
@@ -152,8 +178,16 @@ def test_bad_config_raises_naming_key(overrides, expected):
         ("train:\n  stepz: 3\n", ["train.stepz", "unknown key"]),
         ("train:\n  steps: abc\n", ["train.steps", "abc"]),
         ("train: [1,\n", ["recipe=", "cannot read", "line"]),
+        ("train:\n  steps: ${nope}\n", ["train.steps='${nope}'", "nope"]),
+        ("defaults: 5\n", ["defaults=5", "must be a list"]),
+        ("defaults:\n  model: small\n", ["defaults={'model': 'small'}", "must be a list"]),
+        ("run: 5\n", ["run=5", "mapping"]),
+        ("train: 5\n", ["train=5", "mapping"]),
+        ("checkpoint:\n  load: 'hf:'\n", ["checkpoint.load='hf:'", "needs a folder after hf:"]),
+        ("data:\n  dataset: ''\n", ["data.dataset=''", "kjv"]),
     ],
-    ids=["group", "key", "type", "yaml"],
+    ids=["group", "key", "type", "yaml", "interp", "defaults-int", "defaults-map", "run-int", "train-int", "hf",
+         "dataset-empty"],
 )
 def test_bad_recipe_file(tmp_path, text, expected):
     recipe = tmp_path / "bad.yaml"
@@ -164,6 +198,64 @@ def test_bad_recipe_file(tmp_path, text, expected):
     assert "\n" not in message
     for part in expected:
         assert part in message, f"{part!r} not in {message!r}"
+
+
+def _float_keys() -> list[str]:
+    cfg = Config()
+    return [
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, section.name))
+        for f in dataclasses.fields(getattr(cfg, section.name)) if isinstance(getattr(getattr(cfg, section.name), f.name), float)
+    ]
+
+
+FLOAT_KEYS = _float_keys()
+
+
+def test_float_keys_table_covers_the_known_floats():
+    assert {"optim.lr", "optim.eps", "optim.weight_decay", "optim.grad_clip", "model.norm_eps", "model.rope_theta",
+            "model.init_std", "fault.watchdog_s", "log.peak_tflops", "data.val_fraction"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_nonfinite_float_rejected(key, value):
+    cfg = Config()
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size=1)
+    assert str(info.value).startswith(f"{key}={value}: must be a finite number")
+
+
+def test_zero_keeps_its_off_meaning():
+    cfg = load_config(["recipe=debug", "optim.grad_clip=0", "fault.watchdog_s=0", "log.peak_tflops=0"])
+    assert (cfg.optim.grad_clip, cfg.fault.watchdog_s, cfg.log.peak_tflops) == (0, 0, 0)
+
+
+def test_good_values_next_to_the_new_checks(tmp_path):
+    cfg = load_config(["recipe=debug", "train.val_every=${train.steps}", f"train.seed={2**64 - 1}"])
+    assert cfg.train.val_every == cfg.train.steps == 20 and cfg.train.seed == 2**64 - 1
+    # A broken interpolation in the recipe is fine once the command line replaces it.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("defaults:\n  - model: debug\ntrain:\n  steps: ${nope}\n  seq_len: 32\n")
+    assert load_config([f"recipe={recipe}", "train.steps=3"]).train.steps == 3
+    # Synthetic data never reads data.dataset.
+    assert load_config(["recipe=debug", "data=synthetic", "data.dataset=''"]).data.dataset == ""
+    # A string key takes `x:` as written, not as a YAML mapping.
+    assert load_config(["recipe=debug", "run.dir=runs/a:"]).run.dir == "runs/a:"
+
+
+def test_cuda_device_needs_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as info:
+        load_config(["recipe=debug", "run.device=cuda"])
+    assert str(info.value) == "run.device='cuda': no CUDA device here (torch.cuda.is_available() is False)"
+    assert load_config(["recipe=debug", "run.device=auto"]).run.device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load_config(["recipe=debug", "run.device=cuda"]).run.device == "cuda"
 
 
 def debug_config(**parallel) -> Config:
@@ -212,17 +304,22 @@ CLI_CASES = {
     "divisible": (["recipe=debug", "model.dim=65"], "model.dim=65"),
     "recipe": (["recipe=nope"], "nope"),
     "unknown-key": (["recipe=debug", "train.stepz=1"], "train.stepz"),
+    # These two were tracebacks (exit 1) before: interpolation resolution, a non-list `defaults`.
+    "interpolation": (["recipe=debug", "train.steps=${nope}"], "train.steps='${nope}'"),
+    "defaults-not-list": (["recipe={tmp}/defaults.yaml"], "defaults=5"),
 }
 
 
 @pytest.fixture(scope="module")
-def cli_runs():
+def cli_runs(tmp_path_factory):
     """Start every CLI case at once (each pays the torch import), then collect them."""
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "defaults.yaml").write_text("defaults: 5\n")
     env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "trainer", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "trainer", *(a.replace("{tmp}", str(tmp)) for a in argv)], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for name, (argv, _) in CLI_CASES.items()
     }

@@ -6,13 +6,16 @@ checks. Must not hold anything that starts a process group or builds a model.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+import torch
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from models import ModelConfig
 
@@ -164,6 +167,12 @@ class Config:
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "recipe")
+# Float keys where 0 switches a feature off: a non-finite value gets this hint.
+ZERO_MEANS = {"optim.grad_clip": "0 turns clipping off", "fault.watchdog_s": "0 turns the watchdog off",
+              "log.peak_tflops": "0 looks the device up"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Composition: configs/ groups -> recipe -> CLI overrides, then the typed schema.
 
@@ -186,6 +195,23 @@ def _group_choices(group: str) -> list[str]:
 def _dotted_key(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
     return str(key)
+
+
+def _check_sections(values: dict) -> None:
+    """A section given a scalar or list (`run: 5`, `run=5`): OmegaConf's merge error names no key."""
+    for key, value in values.items():
+        if key in SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: must be a mapping of {key}.* keys (e.g. {key}.<key>=<value>)")
+
+
+def _raw(node: DictConfig, key: str) -> Any:
+    """The unresolved value at a dotted key, or None."""
+    value: Any = OmegaConf.to_container(node, resolve=False)
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = (), *, world_size: int | None = None) -> Config:
@@ -221,7 +247,11 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), *, world_size: int 
     if not isinstance(recipe, DictConfig):
         raise ConfigError(f"recipe={recipe_name!r}: {recipe_file} must hold a mapping")
     groups = {}
-    for entry in recipe.pop("defaults", []) or []:
+    defaults = recipe.pop("defaults", None)
+    if defaults is not None and not isinstance(defaults, ListConfig):
+        shown = OmegaConf.to_container(defaults, resolve=False) if isinstance(defaults, DictConfig) else defaults
+        raise ConfigError(f"recipe={recipe_name!r}: defaults={shown!r}: must be a list of '- group: choice' entries")
+    for entry in defaults or []:
         if not isinstance(entry, DictConfig) or len(entry) != 1:
             raise ConfigError(f"recipe={recipe_name!r}: defaults entries take the form '- group: choice'")
         ((group, choice),) = entry.items()
@@ -242,6 +272,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), *, world_size: int 
     GlobalHydra.instance().clear()
 
     schema = OmegaConf.structured(Config)
+    _check_sections(OmegaConf.to_container(recipe, resolve=False))
     try:
         merged = OmegaConf.merge(schema, composed, recipe)
         if recipe_file.parent.resolve() == RECIPE_DIR:
@@ -250,18 +281,29 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), *, world_size: int 
             merged.recipe = str(recipe_file)
         for item in value_overrides:
             key, value = item.split("=", 1)
-            if OmegaConf.select(merged, key, default=MISSING, throw_on_missing=False) is MISSING and "." in key:
+            if OmegaConf.select(merged, key, default=MISSING, throw_on_missing=False, throw_on_resolution_failure=False) is MISSING and "." in key:
                 parent = key.rsplit(".", 1)[0]
                 if OmegaConf.select(merged, parent, default=None) is None:
                     raise ConfigError(f"{key}: unknown key; sections are {['recipe', 'run', *GROUPS, 'profile', 'fault']}")
-            merged.merge_with(OmegaConf.from_dotlist([item]))
+            parsed = OmegaConf.from_dotlist([item])
+            _check_sections(OmegaConf.to_container(parsed, resolve=False))
+            if isinstance(OmegaConf.select(schema, key, default=None), str) and isinstance(_raw(parsed, key), dict):
+                # YAML reads `hf:` or `a: b` as a mapping; a string key means the text as written.
+                OmegaConf.update(merged, key, value, merge=False)
+            else:
+                merged.merge_with(parsed)
         if not any(o.startswith("run.dir=") for o in value_overrides) and "dir" not in recipe.get("run", {}):
             merged.run.dir = f"runs/{Path(merged.recipe).stem}"
+        # Resolving interpolations (`${nope}`, `${oc.env:UNSET}`) fails here, so it sits inside the try.
+        cfg: Config = OmegaConf.to_object(merged)
     except ConfigError:
         raise
+    except InterpolationResolutionError as exc:
+        key = _dotted_key(exc)
+        msg = str(getattr(exc, "msg", exc)).splitlines()[0]
+        raise ConfigError(f"{key}={_raw(merged, key)!r}: cannot resolve: {msg}") from None
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe_omegaconf_error(exc)) from None
-    cfg: Config = OmegaConf.to_object(merged)
     validate(cfg, world_size)
     return cfg
 
@@ -338,7 +380,18 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     m, d, o, t, p, c, log = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel, cfg.checkpoint, cfg.log
 
+    # NaN passes every `<`/`==` range check below; no float key has a use for inf.
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                key = f"{section}.{f.name}"
+                hint = f" ({ZERO_MEANS[key]})" if key in ZERO_MEANS else ""
+                raise ConfigError(f"{key}={value}: must be a finite number{hint}")
+
     _choice("run.device", cfg.run.device, DEVICES)
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device='cuda': no CUDA device here (torch.cuda.is_available() is False)")
     if not cfg.run.dir:
         raise ConfigError("run.dir='': must name a folder")
     for key in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
@@ -352,6 +405,8 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
     if m.pos_encoding == "rope" and (m.dim // m.num_heads) % 2:
         raise ConfigError(f"model.dim/model.num_heads={m.dim // m.num_heads}: rope needs an even head dimension")
 
+    if not d.synthetic and not d.dataset.strip():  # Path("") would read the current folder
+        raise ConfigError(f"data.dataset={d.dataset!r}: must name kjv, a local file or folder, or a hub name")
     _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
     if not 0 < d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={d.val_fraction}: must be in (0, 0.5)")
@@ -381,8 +436,8 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.micro_batch_size", t.micro_batch_size, zero_ok=True)
     _positive("train.val_batches", t.val_batches, zero_ok=True)
-    if t.seed < 0:
-        raise ConfigError(f"train.seed={t.seed}: must be >= 0")
+    if not 0 <= t.seed <= 2**64 - 1:  # torch.manual_seed's range
+        raise ConfigError(f"train.seed={t.seed}: must be in [0, 2**64 - 1]")
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.fp8_recipe", t.fp8_recipe, ("tensorwise", "rowwise"))
     _choice("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
@@ -448,6 +503,8 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
 
     _positive("checkpoint.every", c.every, zero_ok=True)
     _positive("checkpoint.keep", c.keep)
+    if c.load.startswith("hf:") and not c.load.removeprefix("hf:").strip():  # Path("") would be the current folder
+        raise ConfigError(f"checkpoint.load={c.load!r}: needs a folder after hf: (hf:DIR imports a Hugging Face folder)")
     if c.load and not Path(c.load.removeprefix("hf:")).exists():  # hf:DIR imports a Hugging Face folder
         raise ConfigError(f"checkpoint.load={c.load!r}: no such checkpoint")
     _positive("log.every", log.every)
