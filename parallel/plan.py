@@ -21,7 +21,7 @@ from pathlib import Path
 
 from parallel.mesh import AXES
 from parallel.plan_model import GPUS, Knobs, Layout, ModelShape, get_gpu_key, get_knobs, predict
-from trainer.config import Config, ConfigError, get_micro_batch_size, get_microbatches, load_config, validate
+from trainer.config import Config, ConfigError, check_writable, get_micro_batch_size, get_microbatches, load_config, validate
 
 AC_MODES = ("none", "selective", "full")
 PLAN_KEYS = ("recipe", "world_size", "gpu", "gpus_per_node", "top", "json", "calib")
@@ -356,7 +356,20 @@ def format_table(entries: list[dict], top: int) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r}: must be an integer") from None
+    if number < 1:
+        raise ConfigError(f"{key}={number}: must be >= 1")
+    return number
+
+
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.split("Enumerates")[0].strip())
+        return 0
     options, overrides = {}, []
     for item in argv:
         key, _, value = item.partition("=")
@@ -368,11 +381,13 @@ def main(argv: list[str]) -> int:
         for key in ("world_size", "gpu"):
             if not options.get(key):
                 raise ConfigError(f"{key}: required (python -m parallel.plan recipe=NAME world_size=N gpu=h100 ...)")
-        try:
-            world_size, gpus_per_node = int(options["world_size"]), int(options.get("gpus_per_node", 8))
-            top = int(options.get("top", 20))
-        except ValueError as exc:
-            raise ConfigError(f"world_size, gpus_per_node and top take integers ({exc})") from None
+        world_size = _positive_int("world_size", options["world_size"])
+        gpus_per_node = _positive_int("gpus_per_node", options.get("gpus_per_node", "8"))
+        top = _positive_int("top", options.get("top", "20"))
+        spec = _lookup_gpu(options["gpu"])
+        out = check_writable("json", options["json"], folder=False) if "json" in options else None
+        if "calib" in options and not options["calib"]:
+            raise ConfigError("calib='': must name a file")
         # The recipe's own layout may not fit world_size; the planner replaces it anyway.
         try:
             cfg = load_config(overrides, world_size=1)
@@ -388,6 +403,14 @@ def main(argv: list[str]) -> int:
         entries = plan_layouts(cfg, world_size=world_size, gpu=options["gpu"], gpus_per_node=gpus_per_node,
                                calibration=calibration)
         elapsed = time.perf_counter() - start
+        if out is not None:  # written before the table, so a failed write is the only line printed
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps({"recipe": cfg.recipe, "world_size": world_size, "gpu": options["gpu"],
+                                           "gpus_per_node": gpus_per_node, "calibration": calibration,
+                                           "layouts": entries}) + "\n")
+            except OSError as exc:
+                raise ConfigError(f"json={options['json']!r}: cannot write ({exc.strerror or exc})") from None
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -398,15 +421,15 @@ def main(argv: list[str]) -> int:
           f"in {elapsed:.2f} s")
     if entries:
         print(format_table(entries, top))
+    if fitting:
         print(f"best: {' '.join(entries[0]['overrides'])}")
+    elif entries:  # ranked by memory when none fits: the first needs the least
+        print(f"best: none fits: the smallest predicted peak is {entries[0]['pred_mem_gb']:.1f} GiB per GPU "
+              f"({entries[0]['layout']}), over the {spec.hbm_gib - spec.untracked_gb:.1f} GiB usable of "
+              f"{options['gpu']}'s {spec.hbm_gib:g} GiB")
     else:
         print("no valid layout: check that the global batch divides by the data-parallel degrees")
-    if options.get("json"):
-        out = Path(options["json"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"recipe": cfg.recipe, "world_size": world_size, "gpu": options["gpu"],
-                                   "gpus_per_node": gpus_per_node, "calibration": calibration,
-                                   "layouts": entries}) + "\n")
+    if out is not None:
         print(f"wrote {len(entries)} layouts to {out}")
     return 0
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models import ModelConfig, count_params
+from trainer.config import ConfigError, check_writable
 
 # Hoffmann et al. 2022, Approach 3 (section 3.3, equation 10's fitted values).
 E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
@@ -57,6 +58,10 @@ GQA_FROM_PARAMS = 3e9
 GQA_KV_HEADS = 8
 ASPECT_TOLERANCE = 1.6  # dim / num_layers within [target / 1.6, target x 1.6]
 COUNT_TOLERANCE = 0.01  # |log(count / N)|
+MAX_LAYERS = 256
+SHAPE_TOLERANCE = 0.1  # a shape further than this from N is refused, not written
+MIN_VOCAB = 257  # the byte tokenizer's 256 bytes + 1 special: trainer/config.py refuses a smaller model.vocab_size
+HARDWARE_KEYS = ("gpus", "hours", "gpu", "peak_tflops", "mfu")
 
 # GPT-3 Table 2.1: (parameters, learning rate, batch tokens).
 GPT3_HPARAMS = (
@@ -145,7 +150,7 @@ def get_shape(params: float, *, vocab_size: int = DEFAULT_VOCAB, seq_len: int = 
     the target; when none is that close, the closest count."""
     target = get_target_aspect(params)
     candidates = []  # (count error, aspect error, shape)
-    for num_layers in range(1, 257):
+    for num_layers in range(1, MAX_LAYERS + 1):
         low, high = target * num_layers / ASPECT_TOLERANCE, target * num_layers * ASPECT_TOLERANCE
         for dim in range(128 * math.ceil(low / 128), int(high) + 1, 128):
             step = 1024 if params >= GQA_FROM_PARAMS else 256 if dim >= 2048 else 128
@@ -322,13 +327,35 @@ def _number(key: str, value: str) -> float:
         raise SizingError(f"{key}={value!r}: not a number") from None
     if not number > 0:
         raise SizingError(f"{key}={value!r}: must be > 0")
+    if math.isinf(number):  # 'inf', or past float range ('1e400')
+        raise SizingError(f"{key}={value!r}: must be finite")
     return number
+
+
+def _integer(key: str, value: str) -> int:
+    number = _number(key, value)
+    if not number.is_integer():
+        raise SizingError(f"{key}={value!r}: must be a whole number")
+    return int(number)
+
+
+def check_shape(plan: Plan, source: str) -> None:
+    """Refuse a recipe far off its target: the shape search's range ends at tiny and huge N."""
+    error = plan.params / plan.target_params - 1
+    if abs(error) > SHAPE_TOLERANCE:
+        why = ("beyond the largest shape the search builds, 256 layers" if plan.model.num_layers == MAX_LAYERS
+               else "the vocabulary's embeddings dominate a model this small; try a smaller vocab=")
+        raise SizingError(f"{source}: no recipe written: the closest shape has {plan.params:,} parameters, "
+                          f"{100 * error:+.0f} % from the target {_short(plan.target_params)} ({why})")
 
 
 KEYS = ("budget", "params", "gpus", "hours", "gpu", "mfu", "peak_tflops", "rule", "seq_len", "vocab", "name", "out")
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print("\n\n".join(__doc__.split("\n\n")[:2]).strip())
+        return 0
     try:
         if argv == ["ladder"]:
             for plan in get_ladder_plans():
@@ -342,36 +369,58 @@ def main(argv: list[str]) -> int:
             if not sep or key not in KEYS:
                 raise SizingError(f"{item!r}: expected key=value with key in {list(KEYS)}, or 'ladder'")
             args[key] = value
-        compute = None
+        if ("params" in args) + ("budget" in args) + any(k in args for k in HARDWARE_KEYS) != 1:
+            given = " ".join(f"{k}={args[k]}" for k in ("params", "budget", *HARDWARE_KEYS) if k in args)
+            raise SizingError(f"{given or 'no budget'}: give exactly one of params=, budget= or gpus=/hours=/gpu=")
+        # Every argument is checked before the shape search and the write.
+        compute, hardware = None, None
         if "budget" in args:
             compute = _number("budget", args["budget"])
-        elif any(k in args for k in ("gpus", "hours", "gpu", "peak_tflops")):
+            source = f"budget={args['budget']}"
+        elif "params" not in args:
             missing = [k for k in ("gpus", "hours") if k not in args]
             if missing or not ("gpu" in args or "peak_tflops" in args):
                 raise SizingError("a hardware budget needs gpus=, hours= and gpu= (or peak_tflops=)")
+            gpus = _integer("gpus", args["gpus"])
+            hours = _number("hours", args["hours"])
             peak = _number("peak_tflops", args["peak_tflops"]) if "peak_tflops" in args else get_peak_tflops(args["gpu"])
             mfu = _number("mfu", args.get("mfu", "0.4"))
             if mfu > 1:
                 raise SizingError(f"mfu={mfu}: a fraction of the peak, in (0, 1]")
-            compute = get_hardware_compute(int(_number("gpus", args["gpus"])), _number("hours", args["hours"]), peak, mfu)
-            print(f"hardware: {args['gpus']} x {args.get('gpu', 'GPU')} ({peak:g} TFLOP/s bf16) x {args['hours']} h x MFU {mfu:g}")
-        params = _number("params", args["params"]) if "params" in args else None
-        out = Path(args["out"]) if "out" in args else None
+            compute = get_hardware_compute(gpus, hours, peak, mfu)
+            hardware = f"hardware: {gpus} x {args.get('gpu', 'GPU')} ({peak:g} TFLOP/s bf16) x {hours:g} h x MFU {mfu:g}"
+            source = f"gpus={args['gpus']} hours={args['hours']}"
+            if math.isinf(compute):
+                raise SizingError(f"{source}: the budget overflows a float")
+        params = None
+        if "params" in args:
+            params, source = _number("params", args["params"]), f"params={args['params']}"
+        seq_len = _integer("seq_len", args.get("seq_len", str(DEFAULT_SEQ_LEN)))
+        vocab_size = _integer("vocab", args.get("vocab", str(DEFAULT_VOCAB)))
+        if vocab_size < MIN_VOCAB:
+            raise SizingError(f"vocab={args['vocab']}: below the byte tokenizer's {MIN_VOCAB} tokens (the trainer "
+                              "refuses it)")
+        out = check_writable("out", args["out"], folder=False) if "out" in args else None
         name = args.get("name") or (out.stem if out else "chinchilla")
-        plan = make_plan(params=params, compute=compute, rule=args.get("rule", "tokens_per_param"),
-                         seq_len=int(_number("seq_len", args.get("seq_len", str(DEFAULT_SEQ_LEN)))),
-                         vocab_size=int(_number("vocab", args.get("vocab", str(DEFAULT_VOCAB)))), name=name,
-                         command="python -m recipes.chinchilla " + " ".join(argv))
-    except SizingError as exc:
+        plan = make_plan(params=params, compute=compute, rule=args.get("rule", "tokens_per_param"), seq_len=seq_len,
+                         vocab_size=vocab_size, name=name, command="python -m recipes.chinchilla " + " ".join(argv))
+        check_shape(plan, source)
+        text = render_recipe(plan)
+        if out is not None:  # written before anything is printed, so a failed write is the only line
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(text)
+            except OSError as exc:
+                raise SizingError(f"out={args['out']!r}: cannot write ({exc.strerror or exc})") from None
+    except (SizingError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if hardware:
+        print(hardware)
     print(describe(plan, compute))
-    text = render_recipe(plan)
     if out is None:
         print("\n" + text, end="")
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
     print(f"wrote {out} (run: python -m trainer recipe={out})")
     return 0
 

@@ -1,5 +1,7 @@
 """Chinchilla sizing: the scaling-law maths against the paper, the shape rule, generated recipes and the ladder."""
 
+from pathlib import Path
+
 import pytest
 
 from models import count_params
@@ -93,3 +95,38 @@ def test_ladder_files_are_up_to_date_and_load():
         assert count_params(cfg.model) == plan.params
         tokens = cfg.train.steps * cfg.train.global_batch_size * cfg.train.seq_len
         assert 20 * plan.params <= tokens < 20 * plan.params + cfg.train.global_batch_size * cfg.train.seq_len
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["budget=inf"], "error: budget='inf': must be finite"),
+    (["budget=1e400"], "error: budget='1e400': must be finite"),  # past float range
+    (["peak_tflops=inf", "gpus=8", "hours=1"], "error: peak_tflops='inf': must be finite"),
+    (["gpus=0.5", "hours=1", "gpu=h100"], "error: gpus='0.5': must be a whole number"),
+    (["budget=1e21", "gpus=8", "hours=1", "gpu=h100"], "error: budget=1e21 gpus=8 hours=1 gpu=h100: give exactly one"),
+    (["params=1e9", "seq_len=1.5"], "error: seq_len='1.5': must be a whole number"),
+    (["params=1e9", "vocab=256"], "error: vocab=256: below the byte tokenizer's 257 tokens"),
+    (["budget=1e10"], "error: budget=1e10: no recipe written: the closest shape has 8,716,928 parameters"),
+    (["params=1e15"], "error: params=1e15: no recipe written: the closest shape has"),
+])
+def test_cli_refuses_bad_arguments_with_one_line(argv, said, tmp_path, capsys):
+    out = tmp_path / "r.yaml"
+    assert chinchilla.main([*argv, f"out={out}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(said) and captured.err.count("\n") == 1, captured.err
+    assert captured.out == "" and not out.exists()
+
+
+def test_cli_out_path_and_vocab_minimum(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    outs = ["", str(tmp_path), f"{a_file}/r.yaml"] + (["/proc/r.yaml"] if Path("/proc").is_dir() else [])
+    for out in outs:
+        assert chinchilla.main(["params=1e8", f"out={out}"]) == 2, out
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: out={out!r}:") and captured.err.count("\n") == 1, captured.err
+        assert captured.out == "", out
+    # The smallest vocabulary the generator takes is one the trainer takes.
+    out = tmp_path / "v257.yaml"
+    assert chinchilla.main(["params=1e8", f"vocab={chinchilla.MIN_VOCAB}", f"out={out}"]) == 0
+    assert load_config([f"recipe={out}"]).model.vocab_size == 257
+    assert chinchilla.main(["--help"]) == 0 and "python -m recipes.chinchilla budget=" in capsys.readouterr().out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -432,3 +433,32 @@ def test_apply_layout_leaves_the_input_alone():
     changed = apply_layout(cfg, layout(pp=2, microbatches=4, ac="full"))
     assert changed.parallel.pp == 2 and changed.train.activation_checkpointing == "full"
     assert cfg.parallel.pp == 1 and cfg.train.activation_checkpointing == "none"
+
+
+def test_cli_refuses_bad_arguments_with_one_line(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    cases = [("top=0", "error: top=0: must be >= 1"), ("top=-1", "error: top=-1: must be >= 1"),
+             ("top=abc", "error: top='abc': must be an integer"), ("world_size=0", "error: world_size=0: must be >= 1"),
+             ("json=", "error: json='': must name a file"), (f"json={tmp_path}", "error: json="),
+             (f"json={a_file}/plan.json", "error: json=")]
+    if Path("/proc").is_dir():  # root passes the up-front check there: the failed write says it instead
+        cases.append(("json=/proc/plan.json", "error: json='/proc/plan.json': cannot write"))
+    for arg, said in cases:
+        assert main(["recipe=debug", "world_size=2", "gpu=h100", arg]) == 2, arg
+        captured = capsys.readouterr()
+        assert captured.err.startswith(said) and captured.err.count("\n") == 1, (arg, captured.err)
+        assert captured.out == "", arg  # no table before the error
+    assert main(["--help"]) == 0 and "python -m parallel.plan" in capsys.readouterr().out
+
+
+def test_cli_says_when_no_layout_fits(capsys):
+    assert main(["recipe=chinchilla_70b", "world_size=1", "gpu=h100"]) == 0
+    text = capsys.readouterr().out
+    entries = plan_layouts(load_config(["recipe=chinchilla_70b"], world_size=1), world_size=1, gpu="h100")
+    assert entries and not any(e["fits"] for e in entries)
+    smallest = min(entries, key=lambda e: e["pred_mem_gb"])
+    best = [line for line in text.splitlines() if line.startswith("best:")]
+    assert best == [f"best: none fits: the smallest predicted peak is {smallest['pred_mem_gb']:.1f} GiB per GPU "
+                    f"({smallest['layout']}), over the {GPUS['h100'].hbm_gib - GPUS['h100'].untracked_gb:.1f} GiB "
+                    f"usable of h100's {GPUS['h100'].hbm_gib:g} GiB"], text

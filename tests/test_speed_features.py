@@ -218,3 +218,45 @@ def test_fp8_fsdp_all_gather_follows_the_recipe(recipe, expected):
         model = Transformer(cfg)
     apply_float8(model, recipe=recipe, fsdp_all_gather=True)
     assert model.layers["0"].attention.wq.config.enable_fsdp_float8_all_gather is expected
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["warmup=abc"], "error: warmup='abc': must be an integer"),
+    (["warmup=50", "train.steps=4"], "error: warmup=50: must be in [1, train.steps=4)"),
+    (["warmup=-1"], "error: warmup=-1: must be in [1, train.steps=20)"),
+    (["warmup=3"], "error: warmup=3: not a multiple of log.every=5"),  # debug logs every 5 steps
+])
+def test_bench_refuses_a_bad_warmup_before_training(argv, said, tmp_path, monkeypatch, capsys):
+    import trainer.train
+    from trainer import bench
+
+    trained = []
+    monkeypatch.setattr(trainer.train, "train", lambda cfg: trained.append(cfg) or {"loss": 1.0})
+    run_dir = tmp_path / "run"
+    assert bench.main(["recipe=debug", f"run.dir={run_dir}", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(said) and err.count("\n") == 1, err
+    assert not trained and not run_dir.exists()
+
+
+def test_bench_writes_no_record_when_nothing_was_left_to_train(tmp_path, monkeypatch, capsys):
+    """A rerun in a finished run dir trains nothing (train returns no loss): the old metrics are not measured again."""
+    import json
+
+    import trainer.train
+    from trainer import bench
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 5.0, "time_s": 0.1 * s, "mem_gb": 0.1}) + "\n" for s in (5, 10, 15, 20)))
+    argv = ["recipe=debug", f"run.dir={run_dir}", "warmup=10"]
+    monkeypatch.setattr(trainer.train, "train", lambda cfg: {})
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nothing left to train" in err and err.count("\n") == 1, err
+    assert not (run_dir / "bench.jsonl").exists()
+    monkeypatch.setattr(trainer.train, "train", lambda cfg: {"loss": 5.0})  # the same records, freshly trained
+    assert bench.main(argv) == 0
+    assert len((run_dir / "bench.jsonl").read_text().splitlines()) == 1
+    assert bench.main(["--help"]) == 0 and "warmup" in capsys.readouterr().out

@@ -133,3 +133,82 @@ def test_cpu_sweep_measures_records_failures_and_reports(tmp_path, monkeypatch):
         assert_png(tmp_path / "run_report" / name)
     assert "final val loss" in (tmp_path / "run_report" / "report.md").read_text()
     assert report.main([str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["dry_run=on"], "error: dry_run='on': must be one of"),
+    (["warmup=abc"], "error: warmup='abc': must be an integer"),
+    (["timeout=abc"], "error: timeout='abc':"),
+    (["out="], "error: out='': must name a folder"),
+    (["recipe=nope"], "error: recipe='nope': no such recipe"),
+    (["model=nope", "layouts=tp=1;dp_shard=1"], "error: model='nope':"),  # shared by every point: one error
+    (["layouts=nproc=1;nproc=x"], "error: nproc='x': must be an integer"),  # before the first point runs
+    (["log.every=3"], "error: warmup=2: not a multiple of log.every=3"),
+])
+def test_sweep_refuses_bad_settings_before_any_work(argv, said, tmp_path, monkeypatch, capsys):
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    ran = []
+    monkeypatch.setattr(sweep, "run_point", lambda command, run_dir, timeout_s: ran.append(command) or (1, "x"))
+    defaults = {"recipe": "debug", "nproc": "1", "steps": "4", "out": str(out)}
+    defaults.update(item.split("=", 1) for item in argv)
+    assert sweep.main([f"{k}={v}" for k, v in defaults.items()]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(said) and err.count("\n") == 1, err
+    assert not ran and not out.exists() and not list(cwd.iterdir())
+
+
+def test_sweep_stores_absolute_run_dirs_and_says_its_usage(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    results = sweep.sweep(["recipe=debug", "nproc=1", "steps=4", "out=rel", "dry_run=yes"])
+    assert results[0]["run_dir"] == str(tmp_path / "rel" / "00_recipe")
+    assert json.loads((tmp_path / "rel" / "results.json").read_text())["points"][0]["run_dir"] == results[0]["run_dir"]
+    assert sweep.main(["--help"]) == 0 and "python -m trainer.sweep" in capsys.readouterr().out
+
+
+def write_run(run_dir: Path, steps=(2, 4), tail: str = "") -> None:
+    run_dir.mkdir(parents=True)
+    records = [{"step": s, "loss": 6.0 - 0.1 * s, "tokens_per_s": 1000.0, "mem_gb": 0.1, "time_s": 0.1 * s} for s in steps]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def test_report_skips_a_torn_last_line_and_refuses_broken_files(tmp_path, capsys):
+    write_run(tmp_path / "killed", tail='{"step": 6, "loss": 5.')  # killed mid-write
+    assert report.main([str(tmp_path / "killed")]) == 0
+    out = capsys.readouterr().out
+    assert "torn last line 3" in out
+    assert_png(tmp_path / "killed" / "report" / "loss.png")
+    write_run(tmp_path / "corrupt", tail='{"step": 6, "lo\n{"step": 8, "loss": 5.0}\n')  # not the last line
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "results.json").write_text('{"points": [')
+    for path, said in ((tmp_path / "corrupt", "metrics.jsonl: line 3 is not JSON"),
+                       (tmp_path / "sweep", "results.json: not valid JSON")):
+        assert report.main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and said in err and err.count("\n") == 1, err
+        assert not (path / "report").exists()
+
+
+def test_report_refuses_an_empty_out_and_says_its_usage(tmp_path, monkeypatch, capsys):
+    write_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "run")
+    assert report.main([str(tmp_path / "run"), "out="]) == 2
+    assert capsys.readouterr().err == "error: out='': must name a folder\n"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
+    assert report.main(["-h"]) == 0 and "python -m trainer.report PATH" in capsys.readouterr().out
+
+
+def test_sweep_report_finds_run_dirs_from_any_folder(tmp_path, monkeypatch):
+    """run_dir as older sweeps stored it (relative to the sweep's cwd) and after the sweep dir moved (stale absolute)."""
+    sweep_dir = tmp_path / "elsewhere" / "sweep"
+    write_run(sweep_dir / "00_a")
+    write_run(sweep_dir / "01_b", steps=(2, 4, 6))
+    points = [{"layout": "a", "nproc": 1, "status": "ok", "tokens_per_s": 1000.0, "run_dir": "sweep/00_a"},
+              {"layout": "b", "nproc": 1, "status": "ok", "tokens_per_s": 900.0, "run_dir": "/no/longer/there/01_b"}]
+    (sweep_dir / "results.json").write_text(json.dumps({"recipe": "debug", "points": points}))
+    monkeypatch.chdir(tmp_path)
+    for point in points:  # each way of storing it, alone
+        assert report.plot_sweep_losses([point], sweep_dir, tmp_path / "one.png") is not None, point
+    written = report.report(sweep_dir)
+    assert_png(written.parent / "sweep_loss.png")

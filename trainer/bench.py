@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,9 @@ from models import flops_per_token
 from parallel.activation_checkpoint import get_recompute_flops_per_token
 from trainer.config import Config, ConfigError, load_config
 from trainer.env import get_env, get_peak_tflops
+from trainer.faults import NonFiniteError
+
+LINE_GRACE_S = 5.0  # as trainer/__main__.py: torchrun stops the others when one rank exits
 
 
 def summarize(cfg: Config, records: list[dict], warmup: int) -> dict:
@@ -60,24 +64,58 @@ def summarize(cfg: Config, records: list[dict], warmup: int) -> dict:
     }
 
 
+def parse_warmup(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"warmup={value!r}: must be an integer") from None
+
+
+def check_warmup(cfg: Config, warmup: int) -> None:
+    """Before training: summarize() needs a log step at `warmup` and a later one (train.steps is always logged)."""
+    if not 1 <= warmup < cfg.train.steps:
+        raise ConfigError(f"warmup={warmup}: must be in [1, train.steps={cfg.train.steps}) "
+                          "(bench measures the steps after it)")
+    if warmup % cfg.log.every:
+        raise ConfigError(f"warmup={warmup}: not a multiple of log.every={cfg.log.every} "
+                          "(bench needs a log step there)")
+
+
+def fail(message: str, code: int) -> int:
+    if get_env().is_main:  # every rank finds the same error; one line is enough
+        print(f"error: {message}", file=sys.stderr)
+    else:
+        time.sleep(LINE_GRACE_S)
+    return code
+
+
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.split("Must not")[0].strip())
+        return 0
     warmup = 20
     overrides = []
-    for item in argv:
-        if item.startswith("warmup="):
-            warmup = int(item.split("=", 1)[1])
-        else:
-            overrides.append(item)
     try:
+        for item in argv:
+            if item.startswith("warmup="):
+                warmup = parse_warmup(item.split("=", 1)[1])
+            else:
+                overrides.append(item)
         cfg = load_config(overrides)
+        check_warmup(cfg, warmup)
         from trainer.train import train
 
-        train(cfg)
+        last = train(cfg)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), 2)
+    except NonFiniteError as exc:
+        return fail(str(exc), 1)
     if get_env().rank != 0:
         return 0
+    if "loss" not in last:  # resumed at train.steps: metrics.jsonl holds only an earlier run's figures
+        print(f"error: run.dir={cfg.run.dir!r}: nothing left to train (resumed at train.steps={cfg.train.steps}); "
+              "no bench record written: give a fresh run.dir", file=sys.stderr)
+        return 2
     run_dir = Path(cfg.run.dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     try:

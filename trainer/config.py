@@ -40,6 +40,24 @@ class ConfigError(ValueError):
     """A user error in the config: one line naming the key path, the value and what is allowed."""
 
 
+def check_writable(key: str, value: str, *, folder: bool) -> Path:
+    """`key=value` names a folder (or, folder=False, a file) that can be created or written into, checked before
+    any work; nothing is created here."""
+    if not value:
+        raise ConfigError(f"{key}='': must name a {'folder' if folder else 'file'}")
+    path = Path(value)
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={value!r}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise ConfigError(f"{key}={value!r}: is a folder")
+    existing = path.absolute() if folder else path.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value!r}: not writable ({existing} is not a writable folder)")
+    return path
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/default"

@@ -18,6 +18,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure  # Figure + savefig renders with Agg; no pyplot, no display needed
 from matplotlib.ticker import MaxNLocator
 
+from trainer.config import ConfigError, check_writable
+
 FIGSIZE = (7.0, 4.0)
 DPI = 110
 
@@ -27,7 +29,49 @@ class ReportError(ValueError):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """One record a line. A run killed mid-write leaves a torn last line: skipped, with one line said."""
+    lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == lines[-1][0]:
+                print(f"report: {path}: skipped its torn last line {number} (a run killed mid-write?)")
+                break
+            raise ReportError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise ReportError(f"{path}: line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def read_results(path: Path) -> dict:
+    """A sweep's points from its results.json, or one line on what is wrong with the file."""
+    try:
+        results = json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    points = results.get("points") if isinstance(results, dict) else None
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise ReportError(f"{path}: not a sweep's results (needs a 'points' list of objects)")
+    return results
+
+
+def make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"out={str(out)!r}: cannot create the folder ({exc.strerror or exc})") from None
+
+
+def find_run_dir(sweep_dir: Path, run_dir: str) -> Path:
+    """A point's run dir as the sweep stored it (absolute since; relative to the sweep's cwd before), else
+    the folder of that name inside the sweep dir, where the sweep puts it (so a moved sweep dir works too)."""
+    stored = Path(run_dir)
+    if stored.is_absolute() and stored.is_dir():
+        return stored
+    return sweep_dir / stored.name
 
 
 def _save(fig: Figure, path: Path) -> str:
@@ -121,7 +165,7 @@ def report_run(run_dir: Path, out: Path) -> Path:
     train = [r for r in records if "loss" in r]
     if not train and not any("val_loss" in r for r in records):
         raise ReportError(f"{run_dir / 'metrics.jsonl'}: no loss records to draw")
-    out.mkdir(parents=True, exist_ok=True)
+    make_out(out)
     images = [plot_loss(records, out / "loss.png", f"loss: {run_dir.name}"),
               plot_throughput(records, out / "throughput.png", f"tokens/s: {run_dir.name}"),
               *plot_layer_heatmaps(records, out)]
@@ -185,15 +229,20 @@ def plot_predicted_vs_measured(points: list[dict], predicted_key: str, measured_
     return _save(fig, path)
 
 
-def plot_sweep_losses(points: list[dict], path: Path) -> str | None:
+def plot_sweep_losses(points: list[dict], sweep_dir: Path, path: Path) -> str | None:
     fig = Figure(figsize=FIGSIZE)
     ax = fig.add_subplot()
     drawn = 0
     for p in points:
-        metrics = Path(p.get("run_dir", "")) / "metrics.jsonl"
+        metrics = find_run_dir(sweep_dir, p.get("run_dir") or "") / "metrics.jsonl"
         if p.get("status") != "ok" or not metrics.is_file():
             continue
-        curve = [(r["step"], r["loss"]) for r in read_jsonl(metrics) if "loss" in r]
+        try:
+            records = read_jsonl(metrics)
+        except ReportError as exc:  # one broken point must not cost the sweep its report
+            print(f"report: no loss curve for {p.get('layout')}: {exc}")
+            continue
+        curve = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
         if curve:
             ax.plot(*zip(*curve), marker=".", label=p["layout"])
             drawn += 1
@@ -206,15 +255,15 @@ def plot_sweep_losses(points: list[dict], path: Path) -> str | None:
 
 
 def report_sweep(sweep_dir: Path, out: Path) -> Path:
-    results = json.loads((sweep_dir / "results.json").read_text())
-    points = results.get("points", [])
+    results = read_results(sweep_dir / "results.json")
+    points = results["points"]
     if not points:
         raise ReportError(f"{sweep_dir / 'results.json'}: no points")
-    out.mkdir(parents=True, exist_ok=True)
+    make_out(out)
     images = [plot_sweep_throughput(points, out / "sweep_throughput.png"),
               plot_predicted_vs_measured(points, "pred_mem_gb", "peak_mem_gb", out / "sweep_memory.png", "peak memory (GiB)"),
               plot_predicted_vs_measured(points, "pred_step_s", "step_s", out / "sweep_step_time.png", "step time (s)"),
-              plot_sweep_losses(points, out / "sweep_loss.png")]
+              plot_sweep_losses(points, sweep_dir, out / "sweep_loss.png")]
     header = ["layout", "processes", "status", "tokens/s", "MFU", "peak GiB", "loss", "step s",
               "pred tokens/s", "pred step s", "pred GiB", "error"]
     keys = ["layout", "nproc", "status", "tokens_per_s", "mfu", "peak_mem_gb", "final_loss", "step_s",
@@ -240,15 +289,23 @@ def report(path: Path, out: Path | None = None) -> Path:
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.split("Must not")[0].strip())
+        return 0
     paths = [a for a in argv if not a.startswith("out=")]
-    outs = [Path(a.split("=", 1)[1]) for a in argv if a.startswith("out=")]
-    if len(paths) != 1 or len(outs) > 1:
-        print("usage: python -m trainer.report PATH [out=DIR]", file=sys.stderr)
-        return 2
+    outs = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]
     try:
-        written = report(Path(paths[0]), outs[0] if outs else None)
-    except ReportError as exc:
+        if len(paths) != 1:
+            raise ReportError(f"{' '.join(paths) or 'PATH'}: give exactly one run or sweep dir "
+                              "(python -m trainer.report PATH [out=DIR])")
+        if len(outs) > 1:
+            raise ReportError(f"out={outs[-1]!r}: given {len(outs)} times")
+        written = report(Path(paths[0]), check_writable("out", outs[0], folder=True) if outs else None)
+    except (ReportError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # past the checks: a full disk, an unreadable file, a folder gone read-only
+        print(f"error: {exc.filename or paths[0]}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     images = sorted(p.name for p in written.parent.glob("*.png"))
     print(f"report: {written} ({', '.join(images) or 'no images'})")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 
 from parallel import plan as planner
-from trainer.config import Config, ConfigError, load_config, validate
+from trainer.config import Config, ConfigError, check_writable, load_config, validate
 
 SWEEP_KEYS = ("recipe", "nproc", "steps", "warmup", "out", "layouts", "top", "gpu", "timeout", "dry_run")
 PREDICTION_KEYS = ("fits", "pred_mem_gb", "pred_step_s", "pred_tokens_per_s")
@@ -41,6 +41,9 @@ CSV_COLUMNS = ("index", "layout", "nproc", "status", "tokens_per_s", "tokens_per
                "wall_s", "run_dir", "error")
 # The neutral layout the planner's input config is loaded with when the recipe's own layout does not fit nproc.
 NEUTRAL_LAYOUT = ["parallel.pp=1", "parallel.tp=1", "parallel.dp_replicate=1", "parallel.dp_shard=-1", "parallel.zero=3"]
+# One process, nothing split: what the shared overrides are checked under (as parallel/plan.py's CLI loads a recipe).
+SHARED_CHECK_LAYOUT = NEUTRAL_LAYOUT + ["parallel.sequence_parallel=false", "parallel.virtual_stages=1"]
+BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 
 def _qualify(key: str) -> str:
@@ -138,14 +141,50 @@ def write_results(out: Path, header: dict, points: list[dict]) -> None:
             writer.writerow({k: ("" if point.get(k) is None else point.get(k)) for k in CSV_COLUMNS})
 
 
-def _int(key: str, value: str) -> int:
+def _integer(key: str, value: str) -> int:
     try:
-        number = int(value)
+        return int(value)
     except ValueError:
         raise ConfigError(f"{key}={value!r}: must be an integer") from None
+
+
+def _int(key: str, value: str) -> int:
+    number = _integer(key, value)
     if number < 1:
         raise ConfigError(f"{key}={number}: must be >= 1")
     return number
+
+
+def _seconds(key: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r}: must be a number of seconds") from None
+    if not 0 < number < math.inf:
+        raise ConfigError(f"{key}={value!r}: must be a finite number of seconds > 0")
+    return number
+
+
+def _bool(key: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered not in BOOLEANS:
+        raise ConfigError(f"{key}={value!r}: must be one of {'/'.join(BOOLEANS)}")
+    return BOOLEANS[lowered]
+
+
+def check_shared(base: list[str], points: list[list[str]], nproc: int) -> Config:
+    """The overrides every point shares, less the keys some point sets: when they fail under no layout at all
+    (one process, nothing split) and under the recipe's own for nproc, every point would be rejected for the
+    same reason, so the sweep stops before writing anything."""
+    varied = {item.split("=", 1)[0] for point in points for item in point}
+    shared = [item for item in base if item.split("=", 1)[0] not in varied]
+    try:
+        return load_config(shared + SHARED_CHECK_LAYOUT, world_size=1)
+    except ConfigError as exc:
+        try:  # a setting tied to the process count (fault.inject_rank) can need nproc
+            return load_config(shared, world_size=nproc)
+        except ConfigError:
+            raise exc from None
 
 
 def parse_args(argv: list[str]) -> tuple[dict, list[str], list[str]]:
@@ -182,12 +221,16 @@ def get_points(settings: dict, axes: list[str], base: list[str], nproc: int, gpu
         if plans is None:
             raise ConfigError("top=K: the planner failed (see above)")
         fitting = [p for p in plans if p.get("fits", True)]
+        if not fitting:
+            raise ConfigError(f"top={top}: none of the planner's {len(plans)} layouts for {nproc} x {gpu} fits")
         print(f"sweep: planner ranked {len(plans)} layouts for {nproc} x {gpu}, {len(fitting)} fit; "
               f"running the top {min(top, len(fitting))}")
         # The planner's short description names the point, where it gives one.
         return [(list(p["overrides"]), p.get("layout"), p) for p in fitting[:top]]
     if "layouts" in settings:
         points = parse_layouts(settings["layouts"])
+        if not points:
+            raise ConfigError(f"layouts={settings['layouts']!r}: no points")
     elif axes:
         points = expand_multirun(axes)
     else:
@@ -220,18 +263,20 @@ def sweep(argv: list[str]) -> list[dict]:
     settings, base, axes = parse_args(argv)
     nproc = _int("nproc", settings.get("nproc", "1"))
     steps = _int("steps", settings.get("steps", "60"))
-    warmup = int(settings.get("warmup", 20 if steps > 20 else steps // 2))
+    warmup = _integer("warmup", settings["warmup"]) if "warmup" in settings else (20 if steps > 20 else steps // 2)
     if not 0 < warmup < steps:
         raise ConfigError(f"warmup={warmup}: must be in [1, steps={steps}) (bench measures the steps after it)")
-    timeout_s = float(settings.get("timeout", "1800"))
+    timeout_s = _seconds("timeout", settings.get("timeout", "1800"))
     recipe = settings.get("recipe", "default")
-    out = Path(settings.get("out", f"runs/sweep_{Path(recipe).stem}"))
+    out = check_writable("out", settings.get("out", f"runs/sweep_{Path(recipe).stem}"), folder=True)
     gpu = settings.get("gpu")
+    if gpu == "":
+        raise ConfigError("gpu='': must name a GPU (e.g. gpu=H100)")
     if gpu is None:
         import torch
 
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    dry_run = settings.get("dry_run", "false").lower() in ("1", "true", "yes")
+    dry_run = _bool("dry_run", settings.get("dry_run", "false"))
     # Fixed for every point: log steps at warmup and at the end (bench reads them), no checkpoints unless asked.
     fixed = [f"train.steps={steps}"]
     if not any(o.startswith("log.every=") for o in base):
@@ -240,20 +285,25 @@ def sweep(argv: list[str]) -> list[dict]:
         fixed.append("checkpoint.enabled=false")
     base = [f"recipe={recipe}", *base, *fixed, "log.progress=lines"]
     points = get_points(settings, axes, base, nproc, gpu)
-    if not points:
-        raise ConfigError("no points to run")
+    # Checked before anything is written: a bad shared setting or a bad per-point nproc is one error, not N rejections.
+    shared = check_shared(base, [point for point, _, _ in points], nproc)
+    if warmup % shared.log.every and not any(i.startswith("log.every=") for point, _, _ in points for i in point):
+        raise ConfigError(f"warmup={warmup}: not a multiple of log.every={shared.log.every} "
+                          "(bench needs a log step there)")
+    point_nprocs = [next((_int("nproc", v) for k, v in (i.split("=", 1) for i in point) if k == "nproc"), nproc)
+                    for point, _, _ in points]
 
     out.mkdir(parents=True, exist_ok=True)
     header = {"recipe": recipe, "nproc": nproc, "steps": steps, "warmup": warmup, "gpu": gpu, "overrides": base}
     results = []
-    for index, (point, label, prediction) in enumerate(points):
-        point_nproc = next((_int("nproc", v) for k, v in (i.split("=", 1) for i in point) if k == "nproc"), nproc)
+    for index, ((point, label, prediction), point_nproc) in enumerate(zip(points, point_nprocs)):
         overrides = [item for item in point if not item.startswith("nproc=")]
         label = label or get_label(point)
         processes = f"{point_nproc} process" + ("es" if point_nproc > 1 else "")
         run_dir = out / f"{index:02d}_{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')[:60]}"
+        # Absolute, so a report run from any folder finds the point's metrics.
         result = {"index": index, "layout": label, "overrides": overrides, "nproc": point_nproc,
-                  "run_dir": str(run_dir), "status": "rejected", "error": None}
+                  "run_dir": str(run_dir.absolute()), "status": "rejected", "error": None}
         results.append(result)
         try:
             cfg = load_config(base + overrides + [f"run.dir={run_dir}"], world_size=point_nproc)
@@ -281,6 +331,10 @@ def sweep(argv: list[str]) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.split("Points come from")[0].strip())
+        print(f"\nsettings: {', '.join(SWEEP_KEYS)}; any other key=value is an override for every point")
+        return 0
     try:
         sweep(argv)
     except ConfigError as exc:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from models import count_params, flops_per_token
 from parallel import ParallelModel, build_mesh, build_parallel_model, clip_grad_norm_, get_dp_rank_and_size
 from parallel.plan import PlannerCheck
 from trainer.checkpoint import CHECKPOINTS, Checkpointer, find_load_source, get_checkpoint_dir
-from trainer.config import Config, ConfigError, get_micro_batch_size, get_microbatches, to_yaml, validate
+from trainer.config import Config, ConfigError, check_writable, get_micro_batch_size, get_microbatches, to_yaml, validate
 from trainer.data import SampleStream, build_data, save_tokenizer, val_batches
 from trainer.env import (configure_cuda_allocator, destroy_process_group, get_env, get_memory_gb, get_peak_tflops,
                          init_process_group)
@@ -77,11 +76,7 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
     loaded, so a run that fails on its inputs leaves no new folder behind."""
     run_dir = Path(cfg.run.dir)
     if is_main:
-        existing = run_dir.absolute()
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"run.dir={cfg.run.dir!r}: not writable ({existing} is not a writable folder)")
+        check_writable("run.dir", cfg.run.dir, folder=True)
         checkpoints = run_dir / CHECKPOINTS
         if checkpoints.exists() and not checkpoints.is_dir():
             raise ConfigError(f"run.dir={cfg.run.dir!r}: {checkpoints} is not a folder (checkpoints go there)")
