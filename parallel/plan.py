@@ -274,17 +274,25 @@ def load_calibration(path: str, *, precision: str | None = None) -> tuple[dict, 
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"calib={path!r}: no such file")
-    text = file.read_text()
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        text = file.read_text()
         try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"calib={path!r}: neither JSON nor JSON lines ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"calib={path!r}: neither JSON nor JSON lines ({exc})") from None
     if isinstance(data, dict) and "tokens_per_s" not in data:
+        known = {"mfu", "mem_overhead_gb", "dp_overlap"}
+        bad = [k for k, v in data.items() if k not in known or isinstance(v, bool) or not isinstance(v, (int, float))
+               or not math.isfinite(v)]
+        if bad:
+            raise ConfigError(f"calib={path!r}: {bad[0]}={data[bad[0]]!r}: knobs are numbers named {sorted(known)}")
         return data, [f"calib: {data}"]
-    return fit_calibration(data if isinstance(data, list) else [data], precision=precision)
+    records = data if isinstance(data, list) else [data]
+    if not all(isinstance(r, dict) for r in records):
+        raise ConfigError(f"calib={path!r}: bench records are JSON objects, one per line (trainer.bench writes them)")
+    return fit_calibration(records, precision=precision)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -452,6 +452,21 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path, capsys):
     assert main(["--help"]) == 0 and "python -m parallel.plan" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("content, said", [
+    (b"\x00\xff\xfe", "neither JSON nor JSON lines"),
+    (b"[1, 2]", "bench records are JSON objects"),
+    (b'{"mfu": "x"}', "mfu='x': knobs are numbers"),
+    (b'{"mfu": NaN}', "mfu=nan: knobs are numbers"),
+    (b'{"speed": 1.0}', "speed=1.0: knobs are numbers"),
+], ids=["binary", "list_of_ints", "string_knob", "nan_knob", "unknown_knob"])
+def test_cli_refuses_a_broken_calibration_file(tmp_path, capsys, content, said):
+    calib = tmp_path / "calib.json"
+    calib.write_bytes(content)
+    assert main(["recipe=debug", "world_size=1", "gpu=h100", f"calib={calib}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: calib='{calib}': ") and said in err and err.count("\n") == 1, err
+
+
 def test_cli_says_when_no_layout_fits(capsys):
     assert main(["recipe=chinchilla_70b", "world_size=1", "gpu=h100"]) == 0
     text = capsys.readouterr().out
