@@ -155,6 +155,7 @@ BAD = [
     pytest.param(["checkpoint.load=hf:/nonexistent"], ["checkpoint.load='hf:/nonexistent'", "no such"], id="hf-missing"),
     # torch.manual_seed takes [-2**63, 2**64 - 1]; negative seeds stay out
     pytest.param([f"train.seed={2**64}"], [f"train.seed={2**64}", "2**64 - 1"], id="seed-too-big"),
+    pytest.param(["fault.watchdog_s=1e14"], ["fault.watchdog_s=100000000000000.0", "at most 1e9"], id="watchdog-huge"),
     pytest.param(["train.seed=-1"], ["train.seed=-1"], id="seed-negative"),
     pytest.param(["data.dataset=''"], ["data.dataset=''", "kjv"], id="dataset-empty"),
     pytest.param(["data.dataset=' '"], ["data.dataset=' '", "kjv"], id="dataset-blank"),

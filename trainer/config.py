@@ -538,6 +538,8 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
     _choice("fault.nonfinite", cfg.fault.nonfinite, NONFINITE_POLICIES)
     _positive("fault.max_skips", cfg.fault.max_skips, zero_ok=True)
     _positive("fault.watchdog_s", cfg.fault.watchdog_s, zero_ok=True)
+    if cfg.fault.watchdog_s > 1e9:  # twice it becomes the collectives' timedelta, which overflows near 4e13 s
+        raise ConfigError(f"fault.watchdog_s={cfg.fault.watchdog_s}: must be at most 1e9 s (0 turns the watchdog off)")
     _choice("fault.inject", cfg.fault.inject, FAULT_INJECTIONS)
     if cfg.fault.inject:
         _positive("fault.inject_step", cfg.fault.inject_step)
