@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from models import ModelConfig
 from parallel.materialize import get_clean_name
-from trainer.config import ConfigError
+from trainer.config import ConfigError, check_writable
 
 HF_NAMES = [  # ours -> Hugging Face Llama, as regex pairs over full FQNs
     (r"tok_embeddings\.weight", "model.embed_tokens.weight"),
@@ -110,14 +110,12 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_gb: floa
         raise ConfigError(f"max_shard_gb={max_shard_gb}: must be > 0")
     path = resolve_checkpoint(checkpoint)
     check_exportable(read_checkpoint_config(path).model)  # before reading any weights
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out={str(out)!r}: exists and is not a folder")
-    try:  # before reading weights, which can take minutes
+    out = check_writable("out", str(out_dir), folder=True)  # before reading weights, which can take minutes
+    model, cfg, path = load_model(path)
+    try:  # only now: an export that fails on its checkpoint leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"out={str(out)!r}: cannot create the folder ({exc.strerror or exc})")
-    model, cfg, path = load_model(path)
     tensors = {get_hf_name(name): value.detach().to(DTYPES[dtype]).contiguous()
                for name, value in model.state_dict().items()
                if not (cfg.model.tie_embeddings and name == "output.weight")}  # tied: HF shares embed_tokens
