@@ -27,6 +27,7 @@ from parallel.materialize import get_clean_name  # noqa: E402
 from trainer.config import load_config, validate  # noqa: E402
 from trainer.data import build_data  # noqa: E402
 from trainer.env import destroy_process_group, get_env, init_process_group  # noqa: E402
+from trainer.checkpoint import find_load_source  # noqa: E402
 from trainer.train import prepare_run_dir, train_loop  # noqa: E402
 
 # What every layout shares: the debug recipe, fp32, on CPU, no validation or checkpoints, a loss per step.
@@ -90,13 +91,13 @@ def main(argv: list[str]) -> int:
     degrees = validate(cfg, env.world_size)
     run_dir = prepare_run_dir(cfg, env.is_main)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = build_data(cfg, run_dir if env.is_main else None, log=print if env.is_main else lambda *_: None)
+    data = build_data(cfg, run_dir, log=print if env.is_main else lambda *_: None)
     init_process_group(env, cfg.parallel.backend)
     torch.manual_seed(cfg.train.seed)
     try:
         dtypes: set[str] = set()
         record_linear_dtypes(dtypes)
-        _, pm = train_loop(cfg, env, degrees, run_dir, data)
+        _, pm = train_loop(cfg, env, degrees, run_dir, data, find_load_source(cfg.checkpoint, run_dir))
         count = save_full_params(pm, out_dir, env.rank)
         (out_dir / f"dtypes_rank{env.rank}.json").write_text(json.dumps(sorted(dtypes)))
         print(f"rank {env.rank}: wrote {count} full parameters", flush=True)

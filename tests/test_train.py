@@ -106,3 +106,16 @@ def test_default_micro_batch_and_val_set_follow_the_layout(tmp_path, one_process
     two = {k: v for r in read_metrics(tmp_path) for k, v in r.items()}
     assert two["loss"] == pytest.approx(one_process_val["loss"], abs=1e-5)
     assert two["val_loss"] == pytest.approx(one_process_val["val_loss"], abs=1e-5)
+
+
+def test_wandb_gets_the_run_config(tmp_path, monkeypatch):
+    import trainer.metrics
+    from trainer.train import train
+
+    started = {}
+    monkeypatch.setattr(trainer.metrics, "_start_wandb",
+                        lambda run_dir, mode, project, config: started.update(mode=mode, config=config))
+    train(load_config(["recipe=debug", "train.steps=2", "log.wandb=offline", f"run.dir={tmp_path}",
+                       "checkpoint.enabled=false", "train.val_batches=0"]))
+    assert started["mode"] == "offline" and started["config"]["train"]["steps"] == 2
+    assert started["config"]["model"]["dim"] == load_config(["recipe=debug"]).model.dim

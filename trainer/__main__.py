@@ -1,19 +1,16 @@
 """CLI edge: `python -m trainer [recipe=NAME] [key=value ...]`, also under torchrun.
 
 `--help` prints the usage with the recipes and config groups there are; `--cfg` prints the composed,
-validated config as YAML and runs nothing. User errors (config, data, checkpoint) end here as one line on stderr and exit code 2; a run stopped on a
-non-finite step (fault.nonfinite) as one line and exit code 1.
+validated config as YAML and runs nothing. User errors (config, data, checkpoint) end here as one line on
+stderr and exit code 2; a run stopped on a non-finite step (fault.nonfinite) as one line and exit code 1.
 """
 import os
 import sys
-import time
 
 from trainer.config import CONFIG_DIR, GROUPS, RECIPE_DIR, ConfigError, load_config, to_yaml
-from trainer.env import get_env
+from trainer.env import get_env, report_error
 from trainer.faults import NonFiniteError
 
-
-LINE_GRACE_S = 5.0
 
 
 def get_usage() -> str:
@@ -46,12 +43,7 @@ def main(argv: list[str]) -> int:
 
         train(cfg)
     except (ConfigError, NonFiniteError) as exc:
-        if get_env().is_main:  # every rank finds the same error (or stops at the same step); one line is enough
-            print(f"error: {exc}", file=sys.stderr)
-        else:
-            # torchrun stops all workers when the first one exits: give rank 0 the time to print the line.
-            time.sleep(LINE_GRACE_S)
-        return 2 if isinstance(exc, ConfigError) else 1
+        return report_error(str(exc), 2 if isinstance(exc, ConfigError) else 1)
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,10 +17,8 @@ import torch
 from models import flops_per_token
 from parallel.activation_checkpoint import get_recompute_flops_per_token
 from trainer.config import Config, ConfigError, load_config
-from trainer.env import get_env, get_peak_tflops
+from trainer.env import get_env, get_peak_tflops, report_error
 from trainer.faults import NonFiniteError
-
-LINE_GRACE_S = 5.0  # as trainer/__main__.py: torchrun stops the others when one rank exits
 
 
 def summarize(cfg: Config, records: list[dict], warmup: int) -> dict:
@@ -71,22 +68,13 @@ def parse_warmup(value: str) -> int:
         raise ConfigError(f"warmup={value!r}: must be an integer") from None
 
 
-def check_warmup(cfg: Config, warmup: int) -> None:
-    """Before training: summarize() needs a log step at `warmup` and a later one (train.steps is always logged)."""
-    if not 1 <= warmup < cfg.train.steps:
-        raise ConfigError(f"warmup={warmup}: must be in [1, train.steps={cfg.train.steps}) "
-                          "(bench measures the steps after it)")
-    if warmup % cfg.log.every:
-        raise ConfigError(f"warmup={warmup}: not a multiple of log.every={cfg.log.every} "
-                          "(bench needs a log step there)")
-
-
-def fail(message: str, code: int) -> int:
-    if get_env().is_main:  # every rank finds the same error; one line is enough
-        print(f"error: {message}", file=sys.stderr)
-    else:
-        time.sleep(LINE_GRACE_S)
-    return code
+def check_warmup(warmup: int, steps: int, log_every: int | None) -> None:
+    """Before training: summarize() needs a log step at `warmup` and a later one (train.steps is always logged);
+    log_every=None skips the second check (a sweep whose points set log.every themselves)."""
+    if not 1 <= warmup < steps:
+        raise ConfigError(f"warmup={warmup}: must be in [1, train.steps={steps}) (bench measures the steps after it)")
+    if log_every is not None and warmup % log_every:
+        raise ConfigError(f"warmup={warmup}: not a multiple of log.every={log_every} (bench needs a log step there)")
 
 
 def main(argv: list[str]) -> int:
@@ -102,14 +90,14 @@ def main(argv: list[str]) -> int:
             else:
                 overrides.append(item)
         cfg = load_config(overrides)
-        check_warmup(cfg, warmup)
+        check_warmup(warmup, cfg.train.steps, cfg.log.every)
         from trainer.train import train
 
         last = train(cfg)
     except ConfigError as exc:
-        return fail(str(exc), 2)
+        return report_error(str(exc), 2)
     except NonFiniteError as exc:
-        return fail(str(exc), 1)
+        return report_error(str(exc), 1)
     if get_env().rank != 0:
         return 0
     if "loss" not in last:  # resumed at train.steps: metrics.jsonl holds only an earlier run's figures

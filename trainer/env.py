@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -120,3 +122,16 @@ def configure_cuda_allocator(env: Env) -> None:
     blocks, so reserved memory stays close to what is allocated. A user's PYTORCH_CUDA_ALLOC_CONF wins."""
     if env.device.type == "cuda" and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+
+
+LINE_GRACE_S = 5.0
+
+
+def report_error(message: str, code: int) -> int:
+    """One `error:` line from rank 0 (every rank finds the same error); returns `code` for the exit."""
+    if get_env().is_main:
+        print(f"error: {message}", file=sys.stderr)
+    else:
+        # torchrun stops all workers when the first one exits: give rank 0 the time to print the line.
+        time.sleep(LINE_GRACE_S)
+    return code

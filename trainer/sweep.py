@@ -31,6 +31,7 @@ from pathlib import Path
 
 
 from parallel import plan as planner
+from trainer.bench import check_warmup
 from trainer.config import Config, ConfigError, check_writable, load_config, validate
 
 SWEEP_KEYS = ("recipe", "nproc", "steps", "warmup", "out", "layouts", "top", "gpu", "timeout", "dry_run")
@@ -264,8 +265,7 @@ def sweep(argv: list[str]) -> list[dict]:
     nproc = _int("nproc", settings.get("nproc", "1"))
     steps = _int("steps", settings.get("steps", "60"))
     warmup = _integer("warmup", settings["warmup"]) if "warmup" in settings else (20 if steps > 20 else steps // 2)
-    if not 0 < warmup < steps:
-        raise ConfigError(f"warmup={warmup}: must be in [1, steps={steps}) (bench measures the steps after it)")
+    check_warmup(warmup, steps, None)
     timeout_s = _seconds("timeout", settings.get("timeout", "1800"))
     recipe = settings.get("recipe", "default")
     out = check_writable("out", settings.get("out", f"runs/sweep_{Path(recipe).stem}"), folder=True)
@@ -287,9 +287,8 @@ def sweep(argv: list[str]) -> list[dict]:
     points = get_points(settings, axes, base, nproc, gpu)
     # Checked before anything is written: a bad shared setting or a bad per-point nproc is one error, not N rejections.
     shared = check_shared(base, [point for point, _, _ in points], nproc)
-    if warmup % shared.log.every and not any(i.startswith("log.every=") for point, _, _ in points for i in point):
-        raise ConfigError(f"warmup={warmup}: not a multiple of log.every={shared.log.every} "
-                          "(bench needs a log step there)")
+    if not any(i.startswith("log.every=") for point, _, _ in points for i in point):
+        check_warmup(warmup, steps, shared.log.every)
     point_nprocs = [next((_int("nproc", v) for k, v in (i.split("=", 1) for i in point) if k == "nproc"), nproc)
                     for point, _, _ in points]
 

@@ -6,6 +6,7 @@ config checks (trainer/config.py): this file only wires them together.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch.profiler import record_function
 from models import count_params, flops_per_token
 from parallel import ParallelModel, build_mesh, build_parallel_model, clip_grad_norm_, get_dp_rank_and_size
 from parallel.plan import PlannerCheck
-from trainer.checkpoint import CHECKPOINTS, Checkpointer, find_load_source, get_checkpoint_dir
+from trainer.checkpoint import CHECKPOINTS, Checkpointer, LoadSource, find_load_source, get_checkpoint_dir
 from trainer.config import Config, ConfigError, check_writable, get_micro_batch_size, get_microbatches, to_yaml, validate
 from trainer.data import SampleStream, build_data, save_tokenizer, val_batches
 from trainer.env import (configure_cuda_allocator, destroy_process_group, get_env, get_memory_gb, get_peak_tflops,
@@ -154,20 +155,19 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     try:
         with FaultHandlers(cfg.fault, env) as faults:
-            return train_loop(cfg, env, degrees, run_dir, data, faults=faults)[0]
+            return train_loop(cfg, env, degrees, run_dir, data, source, faults=faults)[0]
     finally:
         destroy_process_group()
 
 
-def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data,
+def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data, source: LoadSource,
                faults: FaultHandlers | None = None) -> tuple[dict, ParallelModel]:
     """Build, then train for train.steps; returns the last logged metrics and the trained model."""
     t = cfg.train
     faults = faults or FaultHandlers(cfg.fault, env, install=False)
     injector = FaultInjector(cfg.fault, env, cfg.model)  # test hooks; checks fault.inject_module first
-    source = find_load_source(cfg.checkpoint, run_dir)
     logger = MetricsLogger(run_dir, enabled=env.is_main, progress=cfg.log.progress, wandb_mode=cfg.log.wandb,
-                           wandb_project=cfg.log.wandb_project)
+                           wandb_project=cfg.log.wandb_project, config=dataclasses.asdict(cfg))
     mesh = build_mesh(degrees, env.device.type) if env.world_size > 1 else None
     dp_rank, dp_size = get_dp_rank_and_size(mesh)
     pp_microbatches = get_microbatches(cfg.parallel, degrees["pp"]) if degrees["pp"] > 1 else 1
