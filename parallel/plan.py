@@ -21,7 +21,8 @@ from pathlib import Path
 
 from parallel.mesh import AXES
 from parallel.plan_model import GPUS, Knobs, Layout, ModelShape, get_gpu_key, get_knobs, predict
-from trainer.config import Config, ConfigError, check_writable, get_micro_batch_size, get_microbatches, load_config, validate
+from trainer.config import (Config, ConfigError, check_writable, get_micro_batch_size, get_microbatches, load_config,
+                            parse_int, validate)
 
 AC_MODES = ("none", "selective", "full")
 PLAN_KEYS = ("recipe", "world_size", "gpu", "gpus_per_node", "top", "json", "calib")
@@ -364,16 +365,6 @@ def format_table(entries: list[dict], top: int) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(key: str, value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{key}={value!r}: must be an integer") from None
-    if number < 1:
-        raise ConfigError(f"{key}={number}: must be >= 1")
-    return number
-
-
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__.split("Enumerates")[0].strip())
@@ -389,9 +380,9 @@ def main(argv: list[str]) -> int:
         for key in ("world_size", "gpu"):
             if not options.get(key):
                 raise ConfigError(f"{key}: required (python -m parallel.plan recipe=NAME world_size=N gpu=h100 ...)")
-        world_size = _positive_int("world_size", options["world_size"])
-        gpus_per_node = _positive_int("gpus_per_node", options.get("gpus_per_node", "8"))
-        top = _positive_int("top", options.get("top", "20"))
+        world_size = parse_int("world_size", options["world_size"], minimum=1)
+        gpus_per_node = parse_int("gpus_per_node", options.get("gpus_per_node", "8"), minimum=1)
+        top = parse_int("top", options.get("top", "20"), minimum=1)
         spec = _lookup_gpu(options["gpu"])
         out = check_writable("json", options["json"], folder=False) if "json" in options else None
         if "calib" in options and not options["calib"]:

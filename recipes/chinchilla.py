@@ -47,6 +47,7 @@ from pathlib import Path
 
 from models import ModelConfig, count_params
 from trainer.config import ConfigError, check_writable
+from trainer.data import ByteTokenizer
 
 # Hoffmann et al. 2022, Approach 3 (section 3.3, equation 10's fitted values).
 E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
@@ -60,7 +61,7 @@ ASPECT_TOLERANCE = 1.6  # dim / num_layers within [target / 1.6, target x 1.6]
 COUNT_TOLERANCE = 0.01  # |log(count / N)|
 MAX_LAYERS = 256
 SHAPE_TOLERANCE = 0.1  # a shape further than this from N is refused, not written
-MIN_VOCAB = 257  # the byte tokenizer's 256 bytes + 1 special: trainer/config.py refuses a smaller model.vocab_size
+MIN_VOCAB = ByteTokenizer.vocab_size  # the trainer refuses a model.vocab_size below its tokenizer's
 HARDWARE_KEYS = ("gpus", "hours", "gpu", "peak_tflops", "mfu")
 
 # GPT-3 Table 2.1: (parameters, learning rate, batch tokens).

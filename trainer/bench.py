@@ -16,7 +16,7 @@ import torch
 
 from models import flops_per_token
 from parallel.activation_checkpoint import get_recompute_flops_per_token
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError, load_config, parse_int
 from trainer.env import get_env, get_peak_tflops, report_error
 from trainer.faults import NonFiniteError
 
@@ -61,13 +61,6 @@ def summarize(cfg: Config, records: list[dict], warmup: int) -> dict:
     }
 
 
-def parse_warmup(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"warmup={value!r}: must be an integer") from None
-
-
 def check_warmup(warmup: int, steps: int, log_every: int | None) -> None:
     """Before training: summarize() needs a log step at `warmup` and a later one (train.steps is always logged);
     log_every=None skips the second check (a sweep whose points set log.every themselves)."""
@@ -86,7 +79,7 @@ def main(argv: list[str]) -> int:
     try:
         for item in argv:
             if item.startswith("warmup="):
-                warmup = parse_warmup(item.split("=", 1)[1])
+                warmup = parse_int("warmup", item.split("=", 1)[1])
             else:
                 overrides.append(item)
         cfg = load_config(overrides)

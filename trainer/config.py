@@ -40,6 +40,17 @@ class ConfigError(ValueError):
     """A user error in the config: one line naming the key path, the value and what is allowed."""
 
 
+def parse_int(key: str, value: str, *, minimum: int | None = None) -> int:
+    """A CLI tool's `key=value` integer, or one line saying what is wrong with it."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r}: must be an integer") from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"{key}={number}: must be >= {minimum}")
+    return number
+
+
 def check_writable(key: str, value: str, *, folder: bool) -> Path:
     """`key=value` names a folder (or, folder=False, a file) that can be created or written into, checked before
     any work; nothing is created here."""

@@ -66,12 +66,9 @@ def make_out(out: Path) -> None:
 
 
 def find_run_dir(sweep_dir: Path, run_dir: str) -> Path:
-    """A point's run dir as the sweep stored it (absolute since; relative to the sweep's cwd before), else
-    the folder of that name inside the sweep dir, where the sweep puts it (so a moved sweep dir works too)."""
-    stored = Path(run_dir)
-    if stored.is_absolute() and stored.is_dir():
-        return stored
-    return sweep_dir / stored.name
+    """A point's run dir: the sweep puts each inside its own dir, so its name there finds it from any cwd, in
+    results written with relative paths too, and after the sweep dir moved."""
+    return sweep_dir / Path(run_dir).name
 
 
 def _save(fig: Figure, path: Path) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from parallel import plan as planner
 from trainer.bench import check_warmup
-from trainer.config import Config, ConfigError, check_writable, load_config, validate
+from trainer.config import Config, ConfigError, check_writable, load_config, parse_int, validate
 
 SWEEP_KEYS = ("recipe", "nproc", "steps", "warmup", "out", "layouts", "top", "gpu", "timeout", "dry_run")
 PREDICTION_KEYS = ("fits", "pred_mem_gb", "pred_step_s", "pred_tokens_per_s")
@@ -142,20 +142,6 @@ def write_results(out: Path, header: dict, points: list[dict]) -> None:
             writer.writerow({k: ("" if point.get(k) is None else point.get(k)) for k in CSV_COLUMNS})
 
 
-def _integer(key: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{key}={value!r}: must be an integer") from None
-
-
-def _int(key: str, value: str) -> int:
-    number = _integer(key, value)
-    if number < 1:
-        raise ConfigError(f"{key}={number}: must be >= 1")
-    return number
-
-
 def _seconds(key: str, value: str) -> float:
     try:
         number = float(value)
@@ -215,7 +201,7 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str], list[str]]:
 def get_points(settings: dict, axes: list[str], base: list[str], nproc: int, gpu: str | None) -> list[tuple]:
     """(overrides, label or None, planner entry or None) for each point, from the one source chosen."""
     if "top" in settings:
-        top = _int("top", settings["top"])
+        top = parse_int("top", settings["top"], minimum=1)
         if gpu is None:
             raise ConfigError("top=K needs gpu=NAME (the planner's device; no CUDA device here)")
         plans = get_plans(load_for_planner(base, nproc), nproc, gpu)
@@ -262,9 +248,9 @@ def run_bench(cfg: Config, command: list[str], run_dir: Path, timeout_s: float, 
 
 def sweep(argv: list[str]) -> list[dict]:
     settings, base, axes = parse_args(argv)
-    nproc = _int("nproc", settings.get("nproc", "1"))
-    steps = _int("steps", settings.get("steps", "60"))
-    warmup = _integer("warmup", settings["warmup"]) if "warmup" in settings else (20 if steps > 20 else steps // 2)
+    nproc = parse_int("nproc", settings.get("nproc", "1"), minimum=1)
+    steps = parse_int("steps", settings.get("steps", "60"), minimum=1)
+    warmup = parse_int("warmup", settings["warmup"]) if "warmup" in settings else (20 if steps > 20 else steps // 2)
     check_warmup(warmup, steps, None)
     timeout_s = _seconds("timeout", settings.get("timeout", "1800"))
     recipe = settings.get("recipe", "default")
@@ -289,7 +275,8 @@ def sweep(argv: list[str]) -> list[dict]:
     shared = check_shared(base, [point for point, _, _ in points], nproc)
     if not any(i.startswith("log.every=") for point, _, _ in points for i in point):
         check_warmup(warmup, steps, shared.log.every)
-    point_nprocs = [next((_int("nproc", v) for k, v in (i.split("=", 1) for i in point) if k == "nproc"), nproc)
+    point_nprocs = [next((parse_int("nproc", v, minimum=1) for k, v in (i.split("=", 1) for i in point)
+                          if k == "nproc"), nproc)
                     for point, _, _ in points]
 
     out.mkdir(parents=True, exist_ok=True)
