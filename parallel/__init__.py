@@ -67,15 +67,17 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg, degrees: dict[st
         # Before TP: torchao's float8 linears have their own tensor-parallel styles upstream; here TP
         # and fp8 together are refused by validation.
         all_gather = get_data_parallel_mode(cfg, degrees) == "fsdp" and cfg.train.fp8_all_gather
-        converted = apply_float8(model, recipe=cfg.train.fp8_recipe, fsdp_all_gather=all_gather)
+        converted = apply_float8(model, recipe=cfg.train.fp8_recipe, fsdp_all_gather=all_gather,
+                                 output=cfg.train.fp8_output, fast_accum=cfg.train.fp8_fast_accum)
         all_gather = all_gather and cfg.train.fp8_recipe == "tensorwise"
-        notes.append(f"fp8 ({cfg.train.fp8_recipe}{', float8 FSDP all-gather' if all_gather else ''}): "
+        notes.append(f"fp8 ({cfg.train.fp8_recipe}{', float8 FSDP all-gather' if all_gather else ''}"
+                     f"{', fast accumulation in backward' if cfg.train.fp8_fast_accum else ''}): "
                      f"{len(converted)} linears converted: {describe_converted(converted)}; the rest stay bf16")
     if degrees["tp"] > 1:
         apply_tp(model, mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel, loss_parallel=True)
     apply_ac(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
     if cfg.train.compile:
-        apply_compile(model)
+        apply_compile(model, cfg.train.compile_mode, output=cfg.train.fp8_output)
     mode = get_data_parallel_mode(cfg, degrees)
     if mode == "fsdp":
         dp_mesh = mesh["dp_replicate", "dp_shard"] if degrees["dp_replicate"] > 1 else mesh["dp_shard"]
