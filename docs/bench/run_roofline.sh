@@ -10,5 +10,5 @@ echo "== roofline $name: $2"
 python3 -m trainer.roofline recipe=bench_1b run.dir=/tmp/runs/$name log.progress=lines $2 > "$OUT/$name.log" 2>&1
 tail -n 30 "$OUT/$name.log" | cut -c1-300
 for ext in md json png; do
-  cp "/tmp/runs/${name}_roofline/roofline/roofline.$ext" "$OUT/$name.$ext" 2>/dev/null
+  cp "/tmp/runs/$name/roofline/roofline.$ext" "$OUT/$name.$ext" 2>/dev/null
 done
