@@ -77,7 +77,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg, degrees: dict[st
         apply_tp(model, mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel, loss_parallel=True)
     apply_ac(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
     if cfg.train.compile:
-        apply_compile(model, cfg.train.compile_mode, output=cfg.train.fp8_output)
+        apply_compile(model, output=cfg.train.fp8_output)
     mode = get_data_parallel_mode(cfg, degrees)
     if mode == "fsdp":
         dp_mesh = mesh["dp_replicate", "dp_shard"] if degrees["dp_replicate"] > 1 else mesh["dp_shard"]

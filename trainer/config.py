@@ -28,7 +28,6 @@ POS_ENCODINGS = ("rope", "alibi", "sinusoidal", "learned")
 TOKENIZERS = ("byte", "bpe")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16", "fp8")
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 AC_MODES = ("none", "full", "selective")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv")
 DEVICES = ("auto", "cpu", "cuda")
@@ -122,8 +121,6 @@ class TrainConfig:
     activation_checkpointing: str = "none"
     ac_every: int = 1  # checkpoint every k-th block
     compile: bool = False
-    # max-autotune-no-cudagraphs: Inductor times matmul kernels per shape and may fuse pointwise work into them.
-    compile_mode: str = "default"
     attention_backend: str = "auto"
     # A memory lever, off by default: on the H200 it cost 1.6 % of bf16 throughput (docs/performance.md).
     fused_loss: bool = False  # cross entropy fused with the output layer, in chunks (no logits); not under tp/pp
@@ -480,9 +477,6 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
     if t.fp8_output and t.fused_loss:
         raise ConfigError("train.fp8_output=true with train.fused_loss=true: the fused loss reads the output weight "
                           "itself, in bf16; turn one off")
-    _choice("train.compile_mode", t.compile_mode, COMPILE_MODES)
-    if t.compile_mode != "default" and not t.compile:
-        raise ConfigError(f"train.compile_mode={t.compile_mode!r} needs train.compile=true")
     _choice("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
     _choice("train.attention_backend", t.attention_backend, ("auto", "cudnn", "flash", "efficient", "math"))
     if t.seq_len > m.max_seq_len:

@@ -90,6 +90,9 @@ def train_step(pm: ParallelModel, batch: torch.Tensor, *, accumulation: int, com
     (on device; zero on pipeline ranks without the last stage)."""
     total = torch.zeros((), device=device)
     loss_context = loss_parallel_context if pm.loss_parallel else contextlib.nullcontext
+    if device.type == "cuda":
+        # A copy from pageable memory waits for the GPU to drain the last step; pinned, the host runs ahead.
+        batch = batch.pin_memory()
     for index, micro in enumerate(batch.chunk(accumulation)):
         micro = micro.to(device, non_blocking=True)
         inputs, targets = micro[:, :-1], micro[:, 1:]
