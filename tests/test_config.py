@@ -159,6 +159,11 @@ BAD = [
     pytest.param(["train.seed=-1"], ["train.seed=-1"], id="seed-negative"),
     pytest.param(["data.dataset=''"], ["data.dataset=''", "kjv"], id="dataset-empty"),
     pytest.param(["data.dataset=' '"], ["data.dataset=' '", "kjv"], id="dataset-blank"),
+    pytest.param(["train.fp8_output=true"], ["train.fp8_output=true", "train.precision='fp8'"], id="fp8-output-fp32"),
+    pytest.param(["train.precision=bf16", "train.fp8_fast_accum=true"], ["train.fp8_fast_accum=true", "'bf16'"],
+                 id="fp8-fast-accum-bf16"),
+    pytest.param(["train.precision=fp8", "train.fp8_output=true", "train.fused_loss=true"],
+                 ["train.fp8_output=true", "train.fused_loss=true"], id="fp8-output-fused-loss"),
 ]
 
 

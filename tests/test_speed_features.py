@@ -102,6 +102,35 @@ def test_fp8_converts_large_block_linears_only():
             assert isinstance(module, Float8Linear) == (name in expected), name
 
 
+def test_fp8_output_and_fast_accum_are_opt_in():
+    from torchao.float8.float8_linear import Float8Linear
+
+    from parallel.float8 import apply_float8
+
+    cfg = tiny(vocab_size=2048, dim=1024, num_layers=1, num_heads=8, num_kv_heads=2, ffn_dim=2048)
+    models = {}
+    for opt_in in (False, True):
+        with torch.device("meta"):
+            models[opt_in] = Transformer(cfg)
+        converted = apply_float8(models[opt_in], recipe="tensorwise", fsdp_all_gather=False, output=opt_in,
+                                 fast_accum=opt_in)
+        assert ("output" in converted) == opt_in == isinstance(models[opt_in].output, Float8Linear)
+    for opt_in, model in models.items():
+        config = model.layers["0"].attention.wq.config
+        assert config.gemm_config_output.use_fast_accum  # the recipe's forward always has it
+        assert config.gemm_config_grad_input.use_fast_accum == config.gemm_config_grad_weight.use_fast_accum == opt_in
+
+
+def test_compile_covers_the_output_layer_only_when_asked():
+    from parallel.compile import apply_compile
+
+    for output in (False, True):
+        model = build(tiny())
+        apply_compile(model, output=output)
+        assert all(block._compiled_call_impl is not None for block in model.layers.values())
+        assert (model.output._compiled_call_impl is not None) == output
+
+
 def test_fp8_leaves_small_models_alone():
     from parallel.float8 import apply_float8
 

@@ -44,6 +44,8 @@ def summarize(cfg: Config, records: list[dict], warmup: int) -> dict:
         "world_size": env.world_size,
         "recipe": cfg.recipe,
         "precision": cfg.train.precision,
+        **({"fp8_recipe": cfg.train.fp8_recipe, "fp8_output": cfg.train.fp8_output,
+            "fp8_fast_accum": cfg.train.fp8_fast_accum} if cfg.train.precision == "fp8" else {}),
         "compile": cfg.train.compile,
         "activation_checkpointing": cfg.train.activation_checkpointing,
         "attention_backend": cfg.train.attention_backend,
