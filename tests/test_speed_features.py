@@ -289,3 +289,24 @@ def test_bench_writes_no_record_when_nothing_was_left_to_train(tmp_path, monkeyp
     assert bench.main(argv) == 0
     assert len((run_dir / "bench.jsonl").read_text().splitlines()) == 1
     assert bench.main(["--help"]) == 0 and "warmup" in capsys.readouterr().out
+
+
+def test_bench_refuses_to_time_across_a_resume(tmp_path, capsys):
+    """Each run's metrics clock starts at its own launch: steps 1-10 come from one run, 11-20 from the resumed one."""
+    import json
+
+    from trainer import bench
+    from trainer.config import load_config
+    from trainer.train import train
+
+    run_dir = tmp_path / "run"
+    common = ["recipe=debug", f"run.dir={run_dir}", "checkpoint.enabled=true", "checkpoint.every=10", "train.val_every=100"]
+    train(load_config([*common, "train.steps=10"]))
+    capsys.readouterr()
+    assert bench.main([*common, "warmup=5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: warmup=5: the run resumes from step 10") and err.count("\n") == 1, err
+    assert not (run_dir / "bench.jsonl").exists()
+    assert bench.main([*common, "warmup=15"]) == 0
+    record = json.loads((run_dir / "bench.jsonl").read_text())
+    assert record["steps"] == "16-20" and record["tokens_per_s"] > 0

@@ -16,6 +16,7 @@ import torch
 
 from models import flops_per_token
 from parallel.activation_checkpoint import get_recompute_flops_per_token
+from trainer.checkpoint import find_load_source, read_commit_info
 from trainer.config import Config, ConfigError, load_config, parse_int
 from trainer.env import get_env, get_peak_tflops, report_error
 from trainer.faults import NonFiniteError
@@ -72,6 +73,16 @@ def check_warmup(warmup: int, steps: int, log_every: int | None) -> None:
         raise ConfigError(f"warmup={warmup}: not a multiple of log.every={log_every} (bench needs a log step there)")
 
 
+def check_resume(cfg: Config, warmup: int) -> None:
+    """Before training: the log steps from `warmup` on must all be this run's (an earlier run's clock is another)."""
+    source = find_load_source(cfg.checkpoint, Path(cfg.run.dir))
+    if source.resumes:
+        step = int(read_commit_info(source.path).get("step", 0))
+        if step >= warmup:
+            raise ConfigError(f"warmup={warmup}: the run resumes from step {step} ({source.path}), so step {warmup} "
+                              f"was timed by an earlier run; give a fresh run.dir or warmup above {step}")
+
+
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__.split("Must not")[0].strip())
@@ -86,6 +97,7 @@ def main(argv: list[str]) -> int:
                 overrides.append(item)
         cfg = load_config(overrides)
         check_warmup(warmup, cfg.train.steps, cfg.log.every)
+        check_resume(cfg, warmup)
         from trainer.train import train
 
         last = train(cfg)
