@@ -147,6 +147,7 @@ CASES = {
                                                      ["data.tokenizer=bpe", "data.bpe_vocab_size=300", "data.dataset={data}/corpus.txt",
                                                       "model.dim=128", "model.ffn_dim=256"]),
     "checkpoints path is a file": ("is not a folder", "checkpoints_file", []),
+    "data cache path is a file": ("exists and is not a folder", "existing", ["data.cache_dir={existing}/metrics.jsonl"]),
 }
 
 

@@ -159,6 +159,8 @@ BAD = [
     pytest.param(["train.seed=-1"], ["train.seed=-1"], id="seed-negative"),
     pytest.param(["data.dataset=''"], ["data.dataset=''", "kjv"], id="dataset-empty"),
     pytest.param(["data.dataset=' '"], ["data.dataset=' '", "kjv"], id="dataset-blank"),
+    pytest.param(["data.text_field=' '"], ["data.text_field=' '", "text column"], id="text-field-blank"),
+    pytest.param(["data.cache_dir=''"], ["data.cache_dir=''", "must name a folder"], id="cache-dir-empty"),
     pytest.param(["train.fp8_output=true"], ["train.fp8_output=true", "train.precision='fp8'"], id="fp8-output-fp32"),
     pytest.param(["train.precision=bf16", "train.fp8_fast_accum=true"], ["train.fp8_fast_accum=true", "'bf16'"],
                  id="fp8-fast-accum-bf16"),

@@ -438,6 +438,10 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
 
     if not d.synthetic and not d.dataset.strip():  # Path("") would read the current folder
         raise ConfigError(f"data.dataset={d.dataset!r}: must name kjv, a local file or folder, or a hub name")
+    if not d.synthetic and not d.text_field.strip():
+        raise ConfigError(f"data.text_field={d.text_field!r}: must name the dataset's text column")
+    if not d.cache_dir.strip():  # Path("") would fill the current folder with cache files
+        raise ConfigError(f"data.cache_dir={d.cache_dir!r}: must name a folder")
     _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
     if not 0 < d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={d.val_fraction}: must be in (0, 0.5)")
