@@ -1,7 +1,8 @@
 """FP8 training through torchao's float8 linears (tensorwise or rowwise dynamic scaling).
 
 Converts the block linears whose shapes pay off; small or odd-shaped linears stay in bf16, and so
-does the output layer unless asked (its logits are the loss's input: torchtitan keeps it bf16). Must not hold sharding: FSDP's float8 all-gather is only switched on here.
+does the output layer unless asked (its logits feed the loss: torchtitan keeps it bf16). Must not
+hold sharding: FSDP's float8 all-gather is only switched on here.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def apply_float8(model: nn.Module, *, recipe: str, fsdp_all_gather: bool, output
     if fast_accum:  # the recipes keep the gradient matmuls' accumulation exact; this trades it for speed
         config = dataclasses.replace(config, gemm_config_grad_input=Float8GemmConfig(use_fast_accum=True),
                                      gemm_config_grad_weight=Float8GemmConfig(use_fast_accum=True))
+
     def chosen(module: nn.Module, fqn: str) -> bool:
         return should_convert(module, fqn, min_dim=min_dim, output=output)
 

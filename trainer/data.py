@@ -340,7 +340,8 @@ def build_data(cfg: Config, run_dir: Path | None, *, saved_tokenizer: Path | Non
         log(f"data: synthetic random tokens in [0, {cfg.model.vocab_size}), for speed benchmarks only")
         train, val = (SyntheticSamples(cfg.model.vocab_size, seq_len, seed, salt=salt) for salt in (0, 1))
         return TokenData(train=train, val=val, tokenizer=ByteTokenizer())
-    if Path(data_cfg.cache_dir).exists() and not Path(data_cfg.cache_dir).is_dir():  # may be read-only: only a file is refused
+    # A shared cache may be read-only, so only a file in its place is refused up front.
+    if Path(data_cfg.cache_dir).exists() and not Path(data_cfg.cache_dir).is_dir():
         raise ConfigError(f"data.cache_dir={data_cfg.cache_dir!r}: exists and is not a folder")
     tokenizer = build_tokenizer(data_cfg, run_dir, saved=saved_tokenizer, log=log)
     if tokenizer.vocab_size > cfg.model.vocab_size:
