@@ -250,6 +250,16 @@ def test_fp8_layout_matches_one_process(layout, fp8_reference, cache_dir, tmp_pa
         f"fp8 {layout}: {get_mismatches(run, fp8_reference, FP8_TOLERANCES)}")
 
 
+def test_fp8_rowwise_zero3_matches_one_process(cache_dir, tmp_path):
+    """The rowwise recipe under ZeRO-3 (per-row scales; bf16 all-gather, torchao has no float8 one for it): loss
+    0.012 and gradient norm 0.16 measured, the double rounding of the bf16 all-gather above."""
+    rowwise = [*FP8_SHAPE, "train.fp8_recipe=rowwise"]
+    reference = run_layout(tmp_path / "reference", 1, rowwise, cache_dir=cache_dir)
+    run = run_layout(tmp_path / "zero3", 2, [*rowwise, "parallel.dp_shard=2", "parallel.zero=3"], cache_dir=cache_dir)
+    print("fp8 rowwise zero3_dp2: " + ", ".join(f"max {k} diff {v:.3g}" for k, v in get_max_diffs(run, reference).items()))
+    assert not get_mismatches(run, reference, FP8_TOLERANCES), get_mismatches(run, reference, FP8_TOLERANCES)
+
+
 def test_fp8_comparison_catches_missing_gradient_reduction(fp8_reference, cache_dir, tmp_path):
     nproc, overrides = FP8_LAYOUTS["zero3_dp2_float8_all_gather"]
     run = run_layout(tmp_path, nproc, [*FP8_SHAPE, *overrides], cache_dir=cache_dir,
