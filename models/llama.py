@@ -223,11 +223,15 @@ class Transformer(nn.Module):
         generator = torch.Generator(device=device).manual_seed(param_seed(seed, name))
         return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
 
+    def tie_weights(self) -> None:
+        """Point the output layer at the embedding table when tied. Module.to_empty() gives each module its own new
+        tensor, so a model built on meta comes back untied: call this after it."""
+        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
+
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
-            # Module.to_empty() gives each module its own new tensor, so a model built on meta comes back untied.
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         for name, param in self.named_parameters():
             param.copy_(self.initial_value(name, param.shape, seed, param.device))
         self.init_buffers()

@@ -23,6 +23,7 @@ def get_clean_name(name: str) -> str:
 def materialize(module: nn.Module, model, device: torch.device, seed: int) -> None:
     """`module`: the (wrapped, sharded) module to fill; `model`: the Transformer inside it."""
     module.to_empty(device=device)
+    model.tie_weights()
     for name, param in module.named_parameters():
         full = model.initial_value(get_clean_name(name), param.shape, seed, device)
         if isinstance(param, DTensor):

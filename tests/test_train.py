@@ -119,3 +119,21 @@ def test_wandb_gets_the_run_config(tmp_path, monkeypatch):
                        "checkpoint.enabled=false", "train.val_batches=0"]))
     assert started["mode"] == "offline" and started["config"]["train"]["steps"] == 2
     assert started["config"]["model"]["dim"] == load_config(["recipe=debug"]).model.dim
+
+
+def test_tied_embeddings_stay_tied_in_the_trained_model(tmp_path):
+    """Materialising from meta unties modules (Module.to_empty); the trainer ties them again, so the output layer
+    trains the embedding table and an export's shared table is the one that was trained."""
+    import dataclasses
+
+    from models import Transformer
+    from trainer.checkpoint import _dcp_load, find_load_source
+    from trainer.train import train
+
+    cfg = load_config(["recipe=debug", "model.tie_embeddings=true", "train.steps=2", "log.every=1",
+                       "train.val_batches=0", f"run.dir={tmp_path}", "checkpoint.enabled=true", "checkpoint.every=2"])
+    train(cfg)
+    # Read both names into an untied model: a run that trained two tables saves two different ones.
+    untied = Transformer(dataclasses.replace(cfg.model, tie_embeddings=False))
+    _dcp_load({"model": untied.state_dict()}, find_load_source(cfg.checkpoint, tmp_path).path)
+    assert untied.output.weight.equal(untied.tok_embeddings.weight)

@@ -560,8 +560,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Tr
     with torch.device("meta"):
         model = Transformer(cfg.model)
     model.to_empty(device=device)
-    if cfg.model.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+    model.tie_weights()
     state = {"model": model.state_dict()}
     check_checkpoint(path, state, model_cfg=cfg.model)
     _dcp_load(state, path)
