@@ -222,7 +222,8 @@ def _record_config(record: dict, cache: dict) -> Config:
         seq_len=int(record.get("seq_len", cfg.train.seq_len)), precision=record.get("precision", cfg.train.precision),
         compile=bool(record.get("compile", cfg.train.compile)),
         activation_checkpointing=record.get("activation_checkpointing", cfg.train.activation_checkpointing),
-        fused_loss=bool(record.get("fused_loss", cfg.train.fused_loss)))
+        fused_loss=bool(record.get("fused_loss", cfg.train.fused_loss)),
+        fp8_output=bool(record.get("fp8_output", cfg.train.fp8_output)))
     return dataclasses.replace(cfg, train=train)
 
 
@@ -231,10 +232,11 @@ def fit_calibration(records: list[dict], *, precision: str | None = None) -> tup
     mem_overhead_gb = measured peak - predicted peak without overhead (medians over the records).
     Records of `precision` are used when there are any. Returns (knobs, notes)."""
     notes, cache, fits = [], {}, []
-    usable = [r for r in records if r.get("world_size", 1) == 1 and r.get("tokens_per_s")]
+    # The cost model has no term for fast float8 accumulation: such a record would inflate the fitted mfu.
+    usable = [r for r in records if r.get("world_size", 1) == 1 and r.get("tokens_per_s") and not r.get("fp8_fast_accum")]
     if len(usable) < len(records):
         skipped = len(records) - len(usable)
-        notes.append(f"calib: {skipped} record(s) skipped (more than one process, or no tokens_per_s)")
+        notes.append(f"calib: {skipped} record(s) skipped (more than one process, no tokens_per_s, or fp8_fast_accum)")
     if precision and any(r.get("precision") == precision for r in usable):
         usable = [r for r in usable if r.get("precision") == precision]
     for record in usable:

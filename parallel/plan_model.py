@@ -116,7 +116,9 @@ class ModelShape:
         self.seq, self.batch = t.seq_len, t.global_batch_size
         self.precision, self.compile = t.precision, t.compile
         self.fused_loss = t.fused_loss
-        self.fp8_output = t.precision == "fp8" and t.fp8_output
+        # parallel/float8.py's should_convert rule, for the output layer (vocab x dim)
+        self.fp8_output = (t.precision == "fp8" and t.fp8_output and min(m.dim, m.vocab_size) >= MIN_FP8_DIM
+                           and m.dim % 16 == 0 and m.vocab_size % 16 == 0)
         self.ac_every = t.ac_every
         d, kv, f = self.dim, self.kv_dim, self.ffn
         # (fan_in, fan_out) of each block linear; parallel/float8.py's should_convert picks the float8 ones.
@@ -388,7 +390,7 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
         if shape.precision == "fp8" and gpu.fp8_tflops:
             fp8_params = sum(n for name, n in get_linear_params(shape).items() if name in block.fp8)
             fp8_flops = slices * tokens * (layers * 6 * fp8_params
-                                           + (6 * shape.output_params if last and shape.fp8_output else 0)) / tp
+                                           + (6 * shape.vocab * shape.dim if last and shape.fp8_output else 0)) / tp
             t_compute = ((flops - fp8_flops) / (gpu.bf16_tflops * 1e12 * efficiency)
                          + fp8_flops / (gpu.fp8_tflops * 1e12 * efficiency * FP8_EFFICIENCY))
         else:

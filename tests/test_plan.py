@@ -379,6 +379,26 @@ def test_fp8_output_layer_shortens_the_predicted_step():
             (("bf16 output", fp8), ("fp8 output", fp8_output))}
     # The output layer's 6 x 2048 x 100352 FLOPs per token move from the bf16 to the (calibrated) fp8 rate.
     assert step["fp8 output"] < step["bf16 output"]
+    # A vocabulary that is not a multiple of 16 stays bf16 (parallel/float8.py), so the prediction does not move.
+    odd = {name: dataclasses.replace(c, model=dataclasses.replace(c.model, vocab_size=50257))
+           for name, c in (("bf16 output", fp8), ("fp8 output", fp8_output))}
+    assert len({price(c, gpu="h200", micro_batch_size=8)["pred_step_s"] for c in odd.values()}) == 1
+
+
+def test_calibration_reads_fp8_output_and_skips_fast_accumulation(tmp_path):
+    """A record of an fp8 run with the output layer in float8 gives back the efficiency it was made with; one with
+    fast accumulation (no term in the cost model) is left out."""
+    bench = load_config(["recipe=bench_1b", "train.global_batch_size=8", "train.micro_batch_size=8",
+                         "train.precision=fp8", "train.fp8_output=true"], world_size=1)
+    truth = predict(ModelShape(bench), layout(micro_batch_size=8), GPUS["h200"], Knobs(mfu=0.5), gpus_per_node=1)
+    record = {"recipe": "bench_1b", "device": "NVIDIA H200", "world_size": 1, "precision": "fp8", "fp8_output": True,
+              "compile": True, "activation_checkpointing": "none", "batch": 8, "seq_len": 2048,
+              "tokens_per_s": truth["pred_tokens_per_s"], "peak_mem_gb": truth["pred_mem_gb"]}
+    path = tmp_path / "bench.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps({**record, "fp8_fast_accum": True, "tokens_per_s": 1e6}) + "\n")
+    knobs, notes = load_calibration(str(path), precision="fp8")
+    assert knobs["mfu"] == pytest.approx(0.5, rel=0.01)
+    assert any("fp8_fast_accum" in note for note in notes)
 
 
 def test_fused_loss_holds_no_logits():
