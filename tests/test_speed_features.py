@@ -310,6 +310,11 @@ def test_bench_refuses_to_time_across_a_resume(tmp_path, capsys):
     assert bench.main([*common, "warmup=15"]) == 0
     record = json.loads((run_dir / "bench.jsonl").read_text())
     assert record["steps"] == "16-20" and record["tokens_per_s"] > 0
+    # Loaded from another run's checkpoint, a fresh run.dir would not help: the message names checkpoint.load.
+    other = ["recipe=debug", f"run.dir={tmp_path / 'other'}", f"checkpoint.load={run_dir}", "train.val_every=100"]
+    assert bench.main([*other, "warmup=5"]) == 2
+    assert "give no checkpoint.load or warmup above 20" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 def test_fp8_output_layer_trains_end_to_end_on_cpu(tmp_path, capsys):

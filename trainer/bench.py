@@ -79,8 +79,10 @@ def check_resume(cfg: Config, warmup: int) -> None:
     if source.resumes:
         step = int(read_commit_info(source.path).get("step", 0))
         if step >= warmup:
+            own = Path(cfg.run.dir).resolve() in Path(source.path).resolve().parents
+            fix = "a fresh run.dir" if own else "no checkpoint.load"
             raise ConfigError(f"warmup={warmup}: the run resumes from step {step} ({source.path}), so step {warmup} "
-                              f"was timed by an earlier run; give a fresh run.dir or warmup above {step}")
+                              f"was timed by an earlier run; give {fix} or warmup above {step}")
 
 
 def main(argv: list[str]) -> int:
