@@ -192,7 +192,7 @@ class Transformer(nn.Module):
         positions = slice(start_pos, start_pos + seq)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if self.pos_embeddings is not None and self.tok_embeddings is not None:
-            h = h + self.pos_embeddings.weight[positions]
+            h = h + self.pos_embeddings(torch.arange(start_pos, start_pos + seq, device=h.device))
         if self.sinusoidal is not None and self.tok_embeddings is not None:
             h = h + self.sinusoidal[positions].to(h.dtype)
         rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.rope_cos is not None else None

@@ -78,6 +78,8 @@ def get_top_plan(model: nn.Module, sequence_parallel: bool, loss_parallel: bool)
     plan = {}
     if model.tok_embeddings is not None:
         plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq_layout)
+    if model.pos_embeddings is not None:  # learned positions: a whole table on every tp rank
+        plan["pos_embeddings"] = ReplicateParallel()
     if model.norm is not None:
         plan["norm"] = SequenceParallel() if sequence_parallel else ReplicateParallel()
     if model.output is not None:

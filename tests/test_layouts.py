@@ -241,6 +241,16 @@ def test_comparison_catches_missing_gradient_reduction(layout, reference, cache_
     assert get_mismatches(run, reference)
 
 
+def test_learned_positions_under_tp_match_one_process(cache_dir, tmp_path):
+    """A learned position table is a parameter outside the blocks: under TP it must become a (replicated) DTensor
+    like every other parameter, or the foreach optimizer refuses the mix (it once did)."""
+    learned = ["model.pos_encoding=learned"]
+    reference = run_layout(tmp_path / "reference", 1, learned, cache_dir=cache_dir)
+    run = run_layout(tmp_path / "tp2", 2, [*learned, "parallel.tp=2"], cache_dir=cache_dir)
+    print("learned tp2: " + ", ".join(f"max {k} diff {v:.3g}" for k, v in get_max_diffs(run, reference).items()))
+    assert "pos_embeddings.weight" in run.params and not get_mismatches(run, reference), get_mismatches(run, reference)
+
+
 @pytest.mark.parametrize("layout", list(FP8_LAYOUTS))
 def test_fp8_layout_matches_one_process(layout, fp8_reference, cache_dir, tmp_path):
     nproc, overrides = FP8_LAYOUTS[layout]
