@@ -231,3 +231,34 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip the gloo teardown at interpreter exit (see trainer/__main__.py)
+
+
+def test_fp8_zero3_checkpoint_holds_plain_tensors(tmp_path):
+    """Under ZeRO-3, torchao's float8 all-gather wraps each weight shard in its own tensor subclass. The checkpoint
+    stores the plain tensors, so tools that never import torchao (export, sample, a bf16 run) read it."""
+    fp8 = ["model.dim=1024", "model.ffn_dim=1024", "model.num_heads=8", "model.num_kv_heads=8", "model.vocab_size=1024",
+           "optim.lr=3e-4", "train.precision=fp8", "train.steps=4"]
+    run_dir = tmp_path / "fp8_zero3"
+    torchrun(2, [[f"run.dir={run_dir}", *fp8, "parallel.dp_shard=2", "parallel.zero=3"]])
+    files = list((run_dir / "checkpoints" / "step_000004").glob("*.distcp"))
+    assert files and not any(b"torchao" in f.read_bytes() for f in files)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "trainer.export", f"checkpoint={run_dir}", f"out={tmp_path / 'hf'}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and (tmp_path / "hf" / "model.safetensors").is_file(), result.stderr[-3000:]
+
+
+def test_a_failed_dcp_read_is_one_config_error(tmp_path, monkeypatch):
+    """DCP reports read failures as CheckpointException, a BaseException: it must still become one error line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import trainer.checkpoint as checkpoint
+    from trainer.config import ConfigError
+
+    def failing_load(*args, **kwargs):
+        raise CheckpointException("read failed", {0: (ValueError("bad bytes"), None)})  # (exception, traceback)
+
+    monkeypatch.setattr(checkpoint.dcp, "load", failing_load)
+    with pytest.raises(ConfigError, match="reading failed") as info:
+        checkpoint._dcp_load({}, tmp_path)
+    assert str(info.value).endswith("bad bytes") and "\n" not in str(info.value), str(info.value)

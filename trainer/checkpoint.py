@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -237,7 +238,9 @@ def _no_dist() -> bool:
 def _dcp_load(state: dict, path: Path) -> None:
     try:
         dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=_no_dist())
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # CheckpointException derives from BaseException only
+        if isinstance(exc, CheckpointException) and exc.failures:  # (exception, traceback) per failed rank
+            exc = next(iter(exc.failures.values()))[0]
         raise ConfigError(f"checkpoint {path}: reading failed (corrupted?): {_one_line(exc)}")
 
 
@@ -270,6 +273,20 @@ def _strip_part(key: str) -> str:
     return _PART_PREFIX.sub(lambda m: m.group(1) or "", key, count=1)
 
 
+def get_plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` without a wrapper subclass (torchao's float8 all-gather wraps FSDP's weight shards), sharing its
+    storage: DCP would pickle the subclass into the file, and loading it would then need that library."""
+    if isinstance(tensor, DTensor):
+        local = tensor.to_local()
+        plain = get_plain_tensor(local)
+        return tensor if plain is local else DTensor.from_local(
+            plain, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride())
+    if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return tensor
+    inner, _ = tensor.__tensor_flatten__()
+    return get_plain_tensor(getattr(tensor, inner[0]))
+
+
 class ModelState(Stateful):
     """This rank's model parts (pipeline stages), keyed by the FQNs of the full single-device model."""
 
@@ -278,7 +295,7 @@ class ModelState(Stateful):
         self.container = nn.ModuleList(parts)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {_strip_part(k): v for k, v in get_model_state_dict(self.container).items()}
+        return {_strip_part(k): get_plain_tensor(v) for k, v in get_model_state_dict(self.container).items()}
 
     def load_state_dict(self, state: dict) -> None:
         names = {_strip_part(k): k for k in get_model_state_dict(self.container)}
