@@ -207,3 +207,9 @@ def test_export_over_earlier_export(trained, hf_exports, tmp_path):
     export_hf(trained, out)  # and back to one file: no index or shard of the sharded export remains
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "notes.txt"}
     assert (out / "model.safetensors").read_bytes() == (hf_exports["single"] / "model.safetensors").read_bytes()
+
+
+def test_help(capsys):
+    from trainer.export import main
+
+    assert main(["--help"]) == 0 and "checkpoint=PATH out=DIR" in capsys.readouterr().out

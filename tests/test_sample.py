@@ -80,3 +80,9 @@ def test_sample_cli(tmp_path, capsys):
     assert main(argv[:2] + ["max_new_tokens=500"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "beyond model.max_seq_len=256" in err
+
+
+def test_help(capsys):
+    from trainer.sample import main
+
+    assert main(["--help"]) == 0 and "checkpoint=PATH prompt=" in capsys.readouterr().out

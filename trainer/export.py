@@ -282,6 +282,9 @@ def parse_args(argv: list[str], defaults: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.split("Must not")[0].strip())
+        return 0
     try:
         args = parse_args(argv, {"checkpoint": None, "out": None, "max_shard_gb": 5.0, "dtype": "float32"})
         out = export_hf(args["checkpoint"], args["out"], max_shard_gb=args["max_shard_gb"], dtype=args["dtype"])

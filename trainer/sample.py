@@ -97,6 +97,9 @@ def get_tokenizer(cfg: Config, checkpoint: Path):
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.split("Must not")[0].strip())
+        return 0
     from trainer.checkpoint import load_model
     from trainer.export import parse_args
 
