@@ -22,7 +22,7 @@ from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.float8 import apply_float8, describe_converted
 from parallel.grad_norm import clip_grad_norm_
 from parallel.materialize import materialize
-from parallel.mesh import AXES, build_mesh, get_dp_rank_and_size
+from parallel.mesh import AXES, build_mesh, describe_layout, get_dp_rank_and_size
 from parallel.pipeline import build_schedule, get_bubble_fraction, get_stage_ids, split_stage
 from parallel.tensor_parallel import apply_tp
 
@@ -118,7 +118,5 @@ def build_parallel_model(cfg, degrees: dict[str, int], mesh: DeviceMesh | None, 
         layers = {s: list(m.layers.keys()) for s, m in zip(stage_ids, models)}
         result.notes.append(f"pipeline: {cfg.parallel.pp_schedule}, {num_stages} stages over pp={pp}, "
                             f"{microbatches} microbatches, bubble {100 * bubble:.1f}% | this rank's stages {layers}")
-    result.notes.append("layout: " + " x ".join(f"{a}={degrees[a]}" for a in AXES) + f", zero={cfg.parallel.zero}"
-                        + (", sequence parallel" if cfg.parallel.sequence_parallel else "")
-                        + f", data parallel: {mode}")
+    result.notes.append(f"layout: {describe_layout(cfg.parallel, degrees)}, data parallel: {mode}")
     return result

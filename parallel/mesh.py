@@ -20,3 +20,17 @@ def get_dp_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
         return 0, 1
     shard = mesh["dp_shard"].size()
     return mesh.get_local_rank("dp_replicate") * shard + mesh.get_local_rank("dp_shard"), mesh["dp_replicate"].size() * shard
+
+
+def describe_layout(parallel_cfg, degrees: dict[str, int]) -> str:
+    """'pp=2 x dp_replicate=1 x dp_shard=2 x tp=2, zero=3, sequence parallel, interleaved_1f1b x2', for logs and
+    checkpoint markers: ZeRO only with data parallelism, the schedule only with a pipeline."""
+    parts = [" x ".join(f"{axis}={degrees[axis]}" for axis in AXES)]
+    if degrees["dp_replicate"] * degrees["dp_shard"] > 1:
+        parts.append(f"zero={parallel_cfg.zero}")
+    if parallel_cfg.sequence_parallel:
+        parts.append("sequence parallel")
+    if degrees["pp"] > 1:
+        virtual = parallel_cfg.virtual_stages
+        parts.append(parallel_cfg.pp_schedule + (f" x{virtual}" if virtual > 1 else ""))
+    return ", ".join(parts)

@@ -197,3 +197,14 @@ def test_bubble_fraction(schedule, pp, microbatches, virtual, expected):
     assert get_bubble_fraction(schedule, pp, microbatches, virtual) == pytest.approx(expected)
     # More microbatches always shrink the bubble.
     assert get_bubble_fraction(schedule, pp, 2 * microbatches, virtual) <= get_bubble_fraction(schedule, pp, microbatches, virtual)
+
+
+def test_describe_layout_names_what_applies():
+    from parallel.mesh import describe_layout
+    from trainer.config import ParallelConfig
+
+    one = {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1}
+    assert describe_layout(ParallelConfig(), one) == "pp=1 x dp_replicate=1 x dp_shard=1 x tp=1"  # no ZeRO without dp
+    hybrid = ParallelConfig(zero=2, sequence_parallel=True, pp_schedule="interleaved_1f1b", virtual_stages=2)
+    assert describe_layout(hybrid, {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "tp": 2}) == (
+        "pp=2 x dp_replicate=1 x dp_shard=2 x tp=2, zero=2, sequence parallel, interleaved_1f1b x2")

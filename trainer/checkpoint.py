@@ -41,6 +41,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
 from models import Transformer
+from parallel.mesh import describe_layout
 from trainer.config import CheckpointConfig, Config, ConfigError, to_yaml
 from trainer.faults import NonFiniteError
 
@@ -414,7 +415,7 @@ class Checkpointer:
                  logger):
         self.cfg, self.run_dir, self.env, self.logger = cfg, Path(run_dir), env, logger
         self.log = logger.info
-        self.layout = " x ".join(f"{axis}={degree}" for axis, degree in degrees.items()) + f", zero={cfg.parallel.zero}"
+        self.layout = describe_layout(cfg.parallel, degrees)
         self.train_state = TrainState()
         self.states: dict[str, Stateful] = {
             "model": ModelState(pm.parts), "optimizer": OptimizerState(pm.parts, optimizer),
@@ -467,8 +468,8 @@ class Checkpointer:
                               "resume from the one before")
         step = self.loaded_step = self.train_state.step
         self.log(f"checkpoint: resumed from {path} (step {step}, sample {self.states['data'].obj.position},"
-                 f" saved by {info.get('world_size', '?')} processes: {info.get('layout', '?')})"
-                 + ("" if "rng" in states else "; RNG states not restored: saved by another layout"))
+                 f" saved by {info.get('world_size', '?')} process(es): {info.get('layout', '?')})"
+                 + ("" if "rng" in states else "; RNG states not restored: saved by another world size or device"))
         if step >= self.cfg.train.steps:
             self.log(f"checkpoint: step {step} >= train.steps={self.cfg.train.steps}: nothing left to train")
         total = read_checkpoint_config(path).train.steps if (path / "config.yaml").is_file() else self.cfg.train.steps
