@@ -143,6 +143,36 @@ def test_second_build_reads_the_cache_without_tokenizing(tmp_path, monkeypatch):
     assert not build_data(cfg, None, log=quiet).cache_hit
 
 
+def test_a_file_rewritten_with_its_old_mtime_is_read_again(tmp_path):
+    """cp -p, rsync -a and fixed-mtime archives keep a file's mtime: neither our cache nor datasets' may serve the
+    old text then."""
+    import os
+
+    path = write_jsonl(tmp_path / "corpus.jsonl", ["version one " * 8] * 40)
+    os.utime(path, ns=(10**18, 10**18))
+    cfg = make_cfg(tmp_path, path)
+    first = build_data(cfg, None, log=quiet)
+    write_jsonl(path, ["VERSION TWO " * 9] * 50)
+    os.utime(path, ns=(10**18, 10**18))
+    second = build_data(cfg, None, log=quiet)
+    assert not second.cache_hit
+    assert bytes(second.train[0][:11].tolist()).decode() in "VERSION TWO VERSION TWO"
+    assert len(second.train) > len(first.train)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_unreadable_file_names_the_reason_in_one_line(tmp_path, streaming):
+    """A stream reads its files only while iterating: a bad byte there is one error line too, naming the cause."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "good.txt").write_text("\n\n".join(make_docs(40)))
+    (folder / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        build_data(make_cfg(tmp_path, folder, streaming=streaming), None, log=quiet)
+    message = str(info.value)
+    assert "\n" not in message and "UnicodeDecodeError" in message and "0xe9" in message, message
+
+
 def test_bpe_trains_saves_and_is_reused(tmp_path, monkeypatch):
     # The last 6 of 60 documents are held out; the BPE must not learn their frequent word.
     docs = make_docs(54) + ["zyzzyva " * 50] * 6

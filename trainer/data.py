@@ -14,6 +14,7 @@ of the raw text; the whole stream is still read once into the token cache, so it
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -144,12 +145,27 @@ def _dataset_identity(data_cfg: DataConfig) -> dict:
     files = [_kjv_file()] if data_cfg.dataset == "kjv" else _local_files(data_cfg.dataset)
     if files is None:
         return {"hub": data_cfg.dataset}  # a hub dataset that changes upstream needs a fresh cache_dir
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    # ctime and inode too: an edit that keeps size and mtime (cp -p, rsync -a, a fixed-mtime archive) still shows.
+    stats = [(str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+             for f in files for st in [f.stat()]]
     return {"name": data_cfg.dataset, "files": stats}
 
 
 def _one_line(exc: Exception) -> str:
+    while exc.__cause__ is not None:  # datasets wraps the reason (a bad byte, a bad JSON row) in a generic error
+        exc = exc.__cause__
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+@contextlib.contextmanager
+def _reading(data_cfg: DataConfig):
+    """Read failures while iterating documents (a stream reads its files only then) as one ConfigError."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"data.dataset={data_cfg.dataset!r}: reading it failed: {_one_line(exc)}") from exc
 
 
 def _has_text(texts: list) -> list[bool]:
@@ -170,15 +186,19 @@ def _documents(data_cfg: DataConfig):
         if files:
             options["data_files"] = [str(f) for f in files]
         try:
+            # A folder per dataset identity: datasets itself knows a local file by its mtime alone.
+            identity = json.dumps(_dataset_identity(data_cfg), sort_keys=True).encode()
+            hf_cache = Path(data_cfg.cache_dir) / "hf" / hashlib.sha256(identity).hexdigest()[:16]
             docs = datasets.load_dataset(builder, split="train", streaming=data_cfg.streaming,
-                                         cache_dir=str(Path(data_cfg.cache_dir) / "hf"), **options)
+                                         cache_dir=str(hf_cache), **options)
         except Exception as exc:
             where = f"cannot read it as {builder}" if files else "not a local path, and loading it from the hub failed"
             hint = " (no network?)" if isinstance(exc, ConnectionError) else ""
             raise ConfigError(f"data.dataset={name!r}: {where}{hint}: {_one_line(exc)}") from exc
     columns = docs.column_names
     if columns is None:  # a stream without declared features: look at its first row
-        columns = list(next(iter(docs), {}))
+        with _reading(data_cfg):
+            columns = list(next(iter(docs), {}))
     if field not in columns:
         raise ConfigError(f"data.text_field={field!r}: not a column of data.dataset={name!r}; columns are {columns}")
     docs = docs.select_columns([field])
@@ -243,7 +263,8 @@ def _train_bpe(data_cfg: DataConfig, log: Callable[[str], None]) -> str:
     trainer = trainers.BpeTrainer(vocab_size=data_cfg.bpe_vocab_size, special_tokens=[EOS_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     texts = (batch[data_cfg.text_field] for batch in docs.iter(batch_size=BATCH_DOCS))
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    with _reading(data_cfg):
+        tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer.to_str()
 
 
@@ -298,10 +319,11 @@ def _tokenize(data_cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, n
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
     chunks, lengths = [], []
     tokenized = docs.map(encode, batched=True, batch_size=BATCH_DOCS, remove_columns=[field])
-    for table in tokenized.with_format("arrow").iter(batch_size=BATCH_DOCS):
-        column = table.column("ids").combine_chunks()
-        chunks.append(column.flatten().to_numpy().astype(dtype))
-        lengths.append(pc.list_value_length(column).to_numpy())
+    with _reading(data_cfg):
+        for table in tokenized.with_format("arrow").iter(batch_size=BATCH_DOCS):
+            column = table.column("ids").combine_chunks()
+            chunks.append(column.flatten().to_numpy().astype(dtype))
+            lengths.append(pc.list_value_length(column).to_numpy())
     if not chunks:
         raise ConfigError(f"data.dataset={data_cfg.dataset!r}: no text in column data.text_field={field!r}")
     tokens, doc_lengths = np.concatenate(chunks), np.concatenate(lengths)
