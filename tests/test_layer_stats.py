@@ -134,3 +134,23 @@ def test_layer_stats_reach_wandb_as_flat_scalars():
     flat = flatten_for_wandb({"loss": 1.5, "layer_stats": {"grad_norm": [0.1, 0.2], "act_max": [3.0, 4.0]}})
     assert flat == {"loss": 1.5, "layer_stats/grad_norm/0": 0.1, "layer_stats/grad_norm/1": 0.2,
                     "layer_stats/act_max/0": 3.0, "layer_stats/act_max/1": 4.0}
+
+
+def test_pipeline_stats_agree_with_one_process_and_skip_its_first_step_activations(tmp_path, one_thread):
+    """A pipeline's first step infers shapes with extra forwards (on empty inputs after the first stage): that step
+    logs no activation statistics, and every later one equals the one-process run's."""
+    every_step = ["log.layer_stats=1", "train.steps=2", "log.every=1"]
+    one = [r for r in run_and_read(tmp_path / "one", *every_step) if "layer_stats" in r]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer", *RUN,
+         *every_step, f"run.dir={tmp_path / 'pp'}", "parallel.pp=2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "pp" / "metrics.jsonl").read_text().splitlines()]
+    piped = [r for r in records if "layer_stats" in r]
+    assert [r["step"] for r in piped] == [1, 2]
+    assert "act_rms" not in piped[0]["layer_stats"] and "act_rms" in piped[1]["layer_stats"]
+    for mine, reference in zip(piped, one):
+        for key in mine["layer_stats"]:
+            assert mine["layer_stats"][key] == pytest.approx(reference["layer_stats"][key], rel=1e-4), (mine["step"], key)

@@ -6,6 +6,7 @@ the optimizer step, and the RMS and max |x| of the block's output over every mic
 step (so the figures do not depend on the layout's micro-batching). Written to metrics.jsonl as
 {"step": S, "layer_stats": {"grad_norm": [...], "param_norm": [...], "update_ratio": [...],
 "act_rms": [...], "act_max": [...]}} (trainer/report.py draws it) and to wandb (flattened by MetricsLogger).
+A pipeline's first step in a process has no act_* entries: the schedule infers shapes with extra forwards then.
 
 Cost: nothing off a stats step. On one, a copy of the parameters (this rank's shards), a probe
 around each block from the step's start to the end of its backward (the block itself is not touched,
@@ -58,7 +59,7 @@ class LayerStats:
         self.world_size, self.pp, self.activation_replicas = world_size, pp, activation_replicas
         self.logger, self.total_steps = logger, total_steps
         self.step = 0
-        self.active = False
+        self.active, self.probed = False, True
 
     def _weight(self, tensor: torch.Tensor) -> float:
         """1 / the number of ranks holding the same values as this rank's local part of `tensor`."""
@@ -83,15 +84,18 @@ class LayerStats:
             for name in list(model.layers.keys()):
                 yield model.layers, name, int(name)
 
-    def begin(self, step: int) -> None:
-        """`step`: the number of the step about to run (1-based)."""
+    def begin(self, step: int, *, activations: bool = True) -> None:
+        """`step`: the number of the step about to run (1-based). activations=False: no activation statistics this
+        step (a pipeline's first step runs extra forwards to infer shapes, on empty inputs after the first stage)."""
         self.active = bool(self.every) and step % self.every == 0
         if not self.active:
             return
-        self.step = step
+        self.step, self.probed = step, activations
         device = next(p for m in self.models for p in m.parameters()).device
         self.sums = torch.zeros(5, self.num_layers, dtype=torch.float64, device=device)
         self.maxes = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
+        if not activations:
+            return
         for layers, name, index in self._blocks():
             layers[name] = _BlockProbe(layers[name], lambda out, i=index: self._record_activation(i, out))
 
@@ -111,7 +115,8 @@ class LayerStats:
             return
         self.before = {}
         for layers, name, index in self._blocks():
-            layers[name] = layers[name].block  # the activations are in: the probe goes before anything else runs
+            if self.probed:
+                layers[name] = layers[name].block  # the activations are in: the probe goes before anything else runs
             for param in layers[name].parameters():
                 if param.grad is not None:
                     self.sums[GRAD_SQ, index] += self._sq(param.grad)
@@ -138,9 +143,9 @@ class LayerStats:
             "grad_norm": [math.sqrt(x) for x in grad_sq],
             "param_norm": [math.sqrt(x) for x in param_sq],
             "update_ratio": [math.sqrt(d / p) if p else 0.0 for d, p in zip(delta_sq, param_sq)],
-            "act_rms": [math.sqrt(s / n) if n else 0.0 for s, n in zip(act_sq, act_count)],
-            "act_max": maxes,
         }
+        if self.probed:
+            stats.update(act_rms=[math.sqrt(s / n) if n else 0.0 for s, n in zip(act_sq, act_count)], act_max=maxes)
         self.logger.log(self.step, self.total_steps, {"layer_stats": stats}, show=False)
         return stats
 

@@ -236,9 +236,11 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data, s
     start_time, last = last_log_time, {}
     profiler = Profiler(cfg, env, run_dir, logger=logger, models=pm.models, optimizer=optimizer)  # profile.*: nothing when off
     layer_stats = build_layer_stats(cfg, pm.models, degrees, env.world_size, logger)  # log.layer_stats
+    first_step = step
     while step < t.steps:
         profiler.step(step)
-        layer_stats.begin(step + 1)
+        # A pipeline's first step here infers shapes with extra forwards: no activation statistics from it.
+        layer_stats.begin(step + 1, activations=pm.schedule is None or step > first_step)
         faults.step_started(step + 1)
         injector.begin_step(step + 1)
         position = stream.position
