@@ -365,3 +365,25 @@ def test_two_processes_rank0_reports_with_a_straggler_line(tmp_path, one_thread)
     assert report["analysis"]["classes"]["communication"]["time_ms"] > 0  # gloo collectives seen on CPU
     md = (tmp_path / "run" / "roofline" / "roofline.md").read_text()
     assert "| matmul |" in md and "## Ranks" in md and "\n| 1 | " in md, md
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2", "model.num_layers=4"]], ids=["tp2", "pp2"])
+def test_sharded_flops_and_pipeline_waits_are_accounted(layout, tmp_path, one_thread):
+    """Under TP a DTensor op sees global shapes and dispatches to a local op: the local one is counted (once counted
+    at the global size, +88 %). gloo's waits are annotations, not ops: a pipeline's wait is communication, not host
+    overhead (once 75 % host overhead)."""
+    cache = write_roofs(tmp_path / "roofs.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.roofline",
+         *RUN, f"run.dir={tmp_path / 'run'}", f"profile.roofs_cache={cache}", *layout],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "roofline" / "roofline.json").read_text())
+    analysis = report["analysis"]
+    if layout[0] == "parallel.tp=2":
+        counted = analysis["flops_per_step"]["matmul_attention"]
+        assert counted == pytest.approx(report["model_flops_per_step"], rel=0.03), (counted, report["model_flops_per_step"])
+    else:
+        communication = analysis["classes"]["communication"]["time_ms"]
+        assert communication > analysis["idle"]["host_other"]["time_ms"], analysis

@@ -64,6 +64,7 @@ CLASSES = ("matmul", "attention", "norm/elementwise", "loss", "optimizer", "comm
 # record_function ranges: the train loop's (trainer/train.py) and the profiling window's (trainer/profiling.py).
 DATA_RANGE, STEP_RANGE, FORWARD_BACKWARD_RANGE, LOSS_RANGE = "next_batch", "ProfilerStep#", "train_step", "loss"
 
+SUBCLASS_DISPATCH = "PythonSubclass"  # the profiler's event between a tensor subclass's op and the ops it runs
 COMMUNICATION = ("nccl", "gloo", "c10d::", "record_param_comms", "all_reduce", "allreduce", "all_gather",
                  "allgather", "reduce_scatter", "reducescatter", "all_to_all", "alltoall")
 ATTENTION = ("flash", "fmha", "cudnn", "efficient_attention", "sdpa", "scaled_dot_product")
@@ -279,18 +280,31 @@ def _cpu_units(host: list[HostEvent], contexts: list) -> list[Unit]:
     """Aten ops (and collectives); the deepest op covering an instant owns it: self time."""
     units = []
     for i, h in enumerate(host):
-        if h.cat == "cpu_op" and (h.name.startswith("aten::") or _matches(h.name, COMMUNICATION)):
+        # gloo's waits ("gloo:recv", "gloo:all_reduce") are annotations, not ops: without them a pipeline's or
+        # FSDP's waiting would read as host overhead.
+        if (h.cat == "cpu_op" and (h.name.startswith("aten::") or _matches(h.name, COMMUNICATION))
+                or h.cat == "user_annotation" and _matches(h.name, COMMUNICATION)):
             cls = classify(h.name, contexts[h.parent] if h.parent >= 0 else frozenset(), device=False)
             units.append(Unit(h.name, h.start, h.end, cls, (0 if cls == "communication" else 1, h.depth), i))
     return units
 
 
 def _outermost_formula_flags(host: list[HostEvent]) -> list[bool]:
-    """True where an ancestor has a FLOP formula: such an op's work is counted by that ancestor."""
+    """True where an op's work is counted elsewhere: by an ancestor with a FLOP formula, or, for a tensor
+    subclass's op (a DTensor's, with global shapes), by the local op it dispatches to under "PythonSubclass"."""
     above = [False] * len(host)
     for i in sorted(range(len(host)), key=lambda i: host[i].depth):
         parent = host[i].parent
-        above[i] = parent >= 0 and (above[parent] or has_formula(host[parent].name))
+        above[i] = parent >= 0 and host[parent].name != SUBCLASS_DISPATCH and (
+            above[parent] or has_formula(host[parent].name))
+    wrapping = set()  # the ops above a subclass dispatch see global shapes: not theirs to count
+    for h in host:
+        parent = h.parent if h.name == SUBCLASS_DISPATCH else -1
+        while parent >= 0 and parent not in wrapping:
+            wrapping.add(parent)
+            parent = host[parent].parent
+    for i in wrapping:
+        above[i] = True
     return above
 
 
