@@ -143,6 +143,8 @@ CASES = {
     # Fail only once the weights are read: the run dir's metrics.jsonl and tokenizer.json must still be untouched.
     "hf weights of another model shape": ("does not match this model", "seeded",
                                           ["checkpoint.load=hf:{root}/hf", "model.dim=128", "model.ffn_dim=256"]),
+    "untied hf weights into a tied model": ("tie_word_embeddings=false there (its own lm_head)", "seeded",
+                                            ["checkpoint.load=hf:{root}/hf", "model.tie_embeddings=true"]),
     "bpe run into a byte run's dir, model changed": ("model.dim=64 there, 128 here", "existing",
                                                      ["data.tokenizer=bpe", "data.bpe_vocab_size=300", "data.dataset={data}/corpus.txt",
                                                       "model.dim=128", "model.ffn_dim=256"]),

@@ -177,6 +177,9 @@ def _check_hf_config(config: dict, model_cfg: ModelConfig, hf_dir: Path) -> None
         diffs.append(f"rope type {rope.get('rope_type', rope.get('type'))!r} (only the default RoPE is implemented)")
     if config.get("attention_bias") or config.get("mlp_bias"):
         diffs.append("biases in attention or MLP (this model has none)")
+    # A tied folder fills an untied output layer from its table; the reverse would drop a trained lm_head.
+    if model_cfg.tie_embeddings and not config.get("tie_word_embeddings", False):
+        diffs.append("tie_word_embeddings=false there (its own lm_head), model.tie_embeddings=true here")
     if diffs:
         raise ConfigError(f"checkpoint.load='hf:{hf_dir}': does not match this model: {'; '.join(diffs)}")
 
