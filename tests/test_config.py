@@ -368,3 +368,13 @@ def test_cli_cfg_prints_the_validated_config_and_runs_nothing(tmp_path, capsys):
     assert dataclasses.replace(reloaded, recipe="debug") == expected
     assert not run_dir.exists()
     assert main(["recipe=debug", "train.steps=-1", "--cfg"]) == 2 and "train.steps=-1" in capsys.readouterr().err
+
+
+def test_nan_injection_on_a_stage_without_the_module_is_refused(monkeypatch):
+    """Under a pipeline a rank holds only its stage's modules: an injection aimed elsewhere would silently do nothing."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    inject = ["recipe=debug", "parallel.pp=2", "fault.inject=nan", "fault.inject_step=3", "fault.inject_rank=1"]
+    with pytest.raises(ConfigError, match=r"not on fault.inject_rank=1, whose pipeline stage\(s\) hold layers \['1'\]"):
+        load_config([*inject, "fault.inject_module=layers.0.feed_forward.w2"])
+    for held in ("layers.1.feed_forward.w2", "output"):
+        load_config([*inject, f"fault.inject_module={held}"])

@@ -572,7 +572,24 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
             raise ConfigError(f"fault.inject_rank={cfg.fault.inject_rank}: must be -1 (every rank) or below WORLD_SIZE={world_size}")
         if cfg.fault.inject == "nan" and not cfg.fault.inject_module:
             raise ConfigError("fault.inject='nan': needs fault.inject_module (e.g. layers.0.feed_forward.w2)")
+        if cfg.fault.inject == "nan" and cfg.fault.inject_rank >= 0 and pp > 1:
+            _check_injection_stage(cfg.fault, p, m.num_layers, pp, world_size)
     return degrees
+
+
+def _check_injection_stage(f: FaultConfig, p: ParallelConfig, num_layers: int, pp: int, world_size: int) -> None:
+    """Under a pipeline, fault.inject_rank must hold fault.inject_module, or the injection would do nothing."""
+    from parallel.pipeline import get_stage_ids, get_stage_layers  # lazy: parallel imports this module
+
+    num_stages = pp * p.virtual_stages
+    stages = get_stage_ids(f.inject_rank // (world_size // pp), pp, p.virtual_stages, p.pp_schedule)
+    layers = [name for stage in stages for name in get_stage_layers(num_layers, num_stages)[stage]]
+    parts = f.inject_module.split(".")
+    held = (parts[1] in layers if parts[0] == "layers" else
+            0 in stages if parts[0] == "tok_embeddings" else num_stages - 1 in stages)
+    if not held:
+        raise ConfigError(f"fault.inject_module={f.inject_module!r}: not on fault.inject_rank={f.inject_rank}, whose "
+                          f"pipeline stage(s) hold layers {layers}")
 
 
 def get_microbatches(p: ParallelConfig, pp: int) -> int:
