@@ -14,11 +14,16 @@ from torch import nn
 MIN_FP8_DIM = 1024
 
 
+def pays_off(in_features: int, out_features: int, min_dim: int = MIN_FP8_DIM) -> bool:
+    """A linear of this shape gains from float8 (the planner prices by the same rule)."""
+    return min(out_features, in_features) >= min_dim and in_features % 16 == 0 and out_features % 16 == 0
+
+
 def should_convert(module: nn.Module, fqn: str, *, min_dim: int = MIN_FP8_DIM, output: bool = False) -> bool:
     if not isinstance(module, nn.Linear) or (fqn.endswith("output") and not output):
         return False
     out_features, in_features = module.weight.shape
-    return min(out_features, in_features) >= min_dim and in_features % 16 == 0 and out_features % 16 == 0
+    return pays_off(in_features, out_features, min_dim)
 
 
 def apply_float8(model: nn.Module, *, recipe: str, fsdp_all_gather: bool, output: bool = False,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from parallel.mesh import AXES
 from parallel.plan_model import GPUS, Knobs, Layout, ModelShape, get_gpu_key, get_knobs, predict
-from trainer.config import (Config, ConfigError, check_writable, get_micro_batch_size, get_microbatches, load_config,
-                            parse_int, validate)
+from trainer.config import (Config, ConfigError, check_writable, describe_error, get_micro_batch_size, get_microbatches,
+                            load_config, parse_int, print_help, validate)
 
 AC_MODES = ("none", "selective", "full")
 PLAN_KEYS = ("recipe", "world_size", "gpu", "gpus_per_node", "top", "json", "calib")
@@ -325,7 +325,7 @@ class PlannerCheck:
             self.prediction = predict_layout(cfg, degrees, gpu=gpu, gpus_per_node=gpus_per_node)
             log(describe_prediction(self.prediction, gpu))
         except Exception as exc:  # noqa: BLE001 (see the docstring)
-            log(f"planner: no prediction ({type(exc).__name__}: {' '.join(str(exc).split())})")
+            log(f"planner: no prediction ({describe_error(exc)})")
 
     def maybe_log(self, step: int, total_steps: int, metrics: dict) -> None:
         if self.prediction is None or self.reported or (step <= MEASURED_AFTER_STEP and step < total_steps):
@@ -368,8 +368,7 @@ def format_table(entries: list[dict], top: int) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.split("Enumerates")[0].strip())
+    if print_help(argv, __doc__, end="Enumerates"):
         return 0
     options, overrides = {}, []
     for item in argv:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from models import count_params, flops_per_token
 from models.loss import CHUNK_ELEMENTS
-from parallel.float8 import MIN_FP8_DIM
+from parallel.float8 import pays_off
 from parallel.pipeline import get_bubble_fraction, get_stage_ids, get_stage_layers
 from trainer.env import PEAK_BF16_TFLOPS
 
@@ -116,16 +116,13 @@ class ModelShape:
         self.seq, self.batch = t.seq_len, t.global_batch_size
         self.precision, self.compile = t.precision, t.compile
         self.fused_loss = t.fused_loss
-        # parallel/float8.py's should_convert rule, for the output layer (vocab x dim)
-        self.fp8_output = (t.precision == "fp8" and t.fp8_output and min(m.dim, m.vocab_size) >= MIN_FP8_DIM
-                           and m.dim % 16 == 0 and m.vocab_size % 16 == 0)
+        self.fp8_output = t.precision == "fp8" and t.fp8_output and pays_off(m.dim, m.vocab_size)
         self.ac_every = t.ac_every
         d, kv, f = self.dim, self.kv_dim, self.ffn
-        # (fan_in, fan_out) of each block linear; parallel/float8.py's should_convert picks the float8 ones.
+        # (fan_in, fan_out) of each block linear; the float8 ones by parallel/float8.py's rule.
         self.linears = {"wq": (d, d), "wk": (d, kv), "wv": (d, kv), "wo": (d, d), "w1": (d, f), "w3": (d, f),
                         "w2": (f, d)}
-        self.fp8_linears = frozenset(name for name, dims in self.linears.items()
-                                     if min(dims) >= MIN_FP8_DIM and all(n % 16 == 0 for n in dims))
+        self.fp8_linears = frozenset(name for name, dims in self.linears.items() if pays_off(*dims))
         self.matmul_params = sum(fan_in * fan_out for fan_in, fan_out in self.linears.values())
         self.layer_params = self.matmul_params + 2 * d  # + the two norms
         self.embedding_params = m.vocab_size * d + (m.max_seq_len * d if m.pos_encoding == "learned" else 0)

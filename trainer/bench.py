@@ -17,7 +17,7 @@ import torch
 from models import flops_per_token
 from parallel.activation_checkpoint import get_recompute_flops_per_token
 from trainer.checkpoint import find_load_source, read_commit_info
-from trainer.config import Config, ConfigError, load_config, parse_int
+from trainer.config import Config, ConfigError, load_config, parse_int, print_help
 from trainer.env import get_env, get_peak_tflops, report_error
 from trainer.faults import NonFiniteError
 
@@ -86,8 +86,7 @@ def check_resume(cfg: Config, warmup: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.split("Must not")[0].strip())
+    if print_help(argv, __doc__):
         return 0
     warmup = 20
     overrides = []

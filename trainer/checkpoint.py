@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 
 from models import Transformer
 from parallel.mesh import describe_layout
-from trainer.config import CheckpointConfig, Config, ConfigError, to_yaml
+from trainer.config import CheckpointConfig, Config, ConfigError, describe_error, to_yaml
 from trainer.faults import NonFiniteError
 
 CHECKPOINTS = "checkpoints"
@@ -204,7 +204,7 @@ def check_checkpoint(path: Path, template: dict[str, dict], *, model_cfg) -> Met
     try:
         metadata = SafeFileSystemReader(path).read_metadata()
     except Exception as exc:
-        raise ConfigError(f"checkpoint {path}: cannot read .metadata (corrupted?): {_one_line(exc)}")
+        raise ConfigError(f"checkpoint {path}: cannot read .metadata (corrupted?): {describe_error(exc)}")
     saved = metadata.state_dict_metadata
     for section, state in template.items():
         for key, value in state.items():
@@ -228,10 +228,6 @@ def _model_difference(path: Path, model_cfg) -> str:
     return ", ".join(diffs)
 
 
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-
-
 def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
@@ -242,7 +238,7 @@ def _dcp_load(state: dict, path: Path) -> None:
     except (Exception, CheckpointException) as exc:  # CheckpointException derives from BaseException only
         if isinstance(exc, CheckpointException) and exc.failures:  # (exception, traceback) per failed rank
             exc = next(iter(exc.failures.values()))[0]
-        raise ConfigError(f"checkpoint {path}: reading failed (corrupted?): {_one_line(exc)}")
+        raise ConfigError(f"checkpoint {path}: reading failed (corrupted?): {describe_error(exc)}")
 
 
 def find_nonfinite(states: dict[str, "Stateful"], device: torch.device) -> str:

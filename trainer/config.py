@@ -40,6 +40,21 @@ class ConfigError(ValueError):
     """A user error in the config: one line naming the key path, the value and what is allowed."""
 
 
+def describe_error(exc: BaseException, limit: int = 300) -> str:
+    """'TypeName: message' on one line, for the innermost cause (libraries wrap the reason in a generic error)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
+
+
+def print_help(argv: list[str], doc: str, end: str = "Must not") -> bool:
+    """For a CLI's -h/--help: print its module docstring up to `end` and return True."""
+    if "-h" not in argv and "--help" not in argv:
+        return False
+    print(doc.split(end)[0].strip())
+    return True
+
+
 def parse_int(key: str, value: str, *, minimum: int | None = None) -> int:
     """A CLI tool's `key=value` integer, or one line saying what is wrong with it."""
     try:

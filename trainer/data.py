@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from trainer.config import Config, ConfigError, DataConfig
+from trainer.config import Config, ConfigError, DataConfig, describe_error
 
 CACHE_VERSION = 1  # bump when the document split or the cache layout changes
 LOADERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -151,12 +151,6 @@ def _dataset_identity(data_cfg: DataConfig) -> dict:
     return {"name": data_cfg.dataset, "files": stats}
 
 
-def _one_line(exc: Exception) -> str:
-    while exc.__cause__ is not None:  # datasets wraps the reason (a bad byte, a bad JSON row) in a generic error
-        exc = exc.__cause__
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-
-
 @contextlib.contextmanager
 def _reading(data_cfg: DataConfig):
     """Read failures while iterating documents (a stream reads its files only then) as one ConfigError."""
@@ -165,7 +159,7 @@ def _reading(data_cfg: DataConfig):
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"data.dataset={data_cfg.dataset!r}: reading it failed: {_one_line(exc)}") from exc
+        raise ConfigError(f"data.dataset={data_cfg.dataset!r}: reading it failed: {describe_error(exc)}") from exc
 
 
 def _has_text(texts: list) -> list[bool]:
@@ -186,15 +180,14 @@ def _documents(data_cfg: DataConfig):
         if files:
             options["data_files"] = [str(f) for f in files]
         try:
-            # A folder per dataset identity: datasets itself knows a local file by its mtime alone.
-            identity = json.dumps(_dataset_identity(data_cfg), sort_keys=True).encode()
-            hf_cache = Path(data_cfg.cache_dir) / "hf" / hashlib.sha256(identity).hexdigest()[:16]
-            docs = datasets.load_dataset(builder, split="train", streaming=data_cfg.streaming,
-                                         cache_dir=str(hf_cache), **options)
+            # A folder per cache key (files by size, mtime, ctime, inode): datasets knows a local file by mtime alone.
+            hf_cache = Path(data_cfg.cache_dir) / "hf" / _cache_key(data_cfg)
+            docs = datasets.load_dataset(builder, split="train", streaming=data_cfg.streaming, cache_dir=str(hf_cache),
+                                         **options)
         except Exception as exc:
             where = f"cannot read it as {builder}" if files else "not a local path, and loading it from the hub failed"
             hint = " (no network?)" if isinstance(exc, ConnectionError) else ""
-            raise ConfigError(f"data.dataset={name!r}: {where}{hint}: {_one_line(exc)}") from exc
+            raise ConfigError(f"data.dataset={name!r}: {where}{hint}: {describe_error(exc)}") from exc
     columns = docs.column_names
     if columns is None:  # a stream without declared features: look at its first row
         with _reading(data_cfg):
@@ -245,7 +238,7 @@ def _read_bpe(path: Path) -> BpeTokenizer:
     try:
         return BpeTokenizer(path.read_text(encoding="utf-8"))
     except Exception as exc:
-        raise ConfigError(f"data.tokenizer='bpe': cannot read {path}: {_one_line(exc)}") from exc
+        raise ConfigError(f"data.tokenizer='bpe': cannot read {path}: {describe_error(exc)}") from exc
 
 
 def _train_bpe(data_cfg: DataConfig, log: Callable[[str], None]) -> str:

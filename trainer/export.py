@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from models import ModelConfig
 from parallel.materialize import get_clean_name
-from trainer.config import ConfigError, check_writable
+from trainer.config import ConfigError, check_writable, print_help
 
 HF_NAMES = [  # ours -> Hugging Face Llama, as regex pairs over full FQNs
     (r"tok_embeddings\.weight", "model.embed_tokens.weight"),
@@ -285,8 +285,7 @@ def parse_args(argv: list[str], defaults: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.split("Must not")[0].strip())
+    if print_help(argv, __doc__):
         return 0
     try:
         args = parse_args(argv, {"checkpoint": None, "out": None, "max_shard_gb": 5.0, "dtype": "float32"})

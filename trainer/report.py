@@ -18,7 +18,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure  # Figure + savefig renders with Agg; no pyplot, no display needed
 from matplotlib.ticker import MaxNLocator
 
-from trainer.config import ConfigError, check_writable
+from trainer.config import ConfigError, check_writable, print_help
 
 FIGSIZE = (7.0, 4.0)
 DPI = 110
@@ -286,8 +286,7 @@ def report(path: Path, out: Path | None = None) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.split("Must not")[0].strip())
+    if print_help(argv, __doc__):
         return 0
     paths = [a for a in argv if not a.startswith("out=")]
     outs = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]

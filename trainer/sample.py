@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from models import Transformer
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, print_help
 
 
 class KVCache:
@@ -97,8 +97,7 @@ def get_tokenizer(cfg: Config, checkpoint: Path):
 
 
 def main(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.split("Must not")[0].strip())
+    if print_help(argv, __doc__):
         return 0
     from trainer.checkpoint import load_model
     from trainer.export import parse_args

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from parallel import plan as planner
 from trainer.bench import check_warmup
-from trainer.config import Config, ConfigError, check_writable, load_config, parse_int, validate
+from trainer.config import (Config, ConfigError, check_writable, describe_error, load_config, parse_int, print_help,
+                            validate)
 
 SWEEP_KEYS = ("recipe", "nproc", "steps", "warmup", "out", "layouts", "top", "gpu", "timeout", "dry_run")
 PREDICTION_KEYS = ("fits", "pred_mem_gb", "pred_step_s", "pred_tokens_per_s")
@@ -81,7 +82,7 @@ def get_plans(cfg: Config, world_size: int, gpu: str) -> list[dict] | None:
     try:
         return planner.plan_layouts(cfg, world_size=world_size, gpu=gpu)
     except Exception as exc:  # a planner bug must not stop measurements
-        print(f"sweep: planner failed ({type(exc).__name__}: {' '.join(str(exc).split())}); no predicted figures")
+        print(f"sweep: planner failed ({describe_error(exc)}); no predicted figures")
         return None
 
 
@@ -90,7 +91,7 @@ def get_prediction(cfg: Config, world_size: int, gpu: str) -> dict | None:
     try:
         return planner.predict_layout(cfg, validate(cfg, world_size), gpu=gpu)
     except Exception as exc:  # a planner bug must not stop measurements
-        print(f"sweep: planner failed ({type(exc).__name__}: {' '.join(str(exc).split())}); no predicted figures")
+        print(f"sweep: planner failed ({describe_error(exc)}); no predicted figures")
         return None
 
 
@@ -317,8 +318,7 @@ def sweep(argv: list[str]) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.split("Points come from")[0].strip())
+    if print_help(argv, __doc__, end="Points come from"):
         print(f"\nsettings: {', '.join(SWEEP_KEYS)}; any other key=value is an override for every point")
         return 0
     try:

@@ -289,7 +289,7 @@ def _cpu_units(host: list[HostEvent], contexts: list) -> list[Unit]:
     return units
 
 
-def _outermost_formula_flags(host: list[HostEvent]) -> list[bool]:
+def _counted_elsewhere(host: list[HostEvent]) -> list[bool]:
     """True where an op's work is counted elsewhere: by an ancestor with a FLOP formula, or, for a tensor
     subclass's op (a DTensor's, with global shapes), by the local op it dispatches to under "PythonSubclass"."""
     above = [False] * len(host)
@@ -310,7 +310,7 @@ def _outermost_formula_flags(host: list[HostEvent]) -> list[bool]:
 
 def _accounted_ops(host: list[HostEvent], units: list[Unit], *, device: bool) -> dict[int, str]:
     """The ops whose FLOPs and bytes are counted, each once, with the class they count for."""
-    formula_above = _outermost_formula_flags(host)
+    formula_above = _counted_elsewhere(host)
     if not device:
         return {u.op: u.cls for u in units if not formula_above[u.op] and host[u.op].name not in VIEW_OPS
                 and (has_formula(host[u.op].name) or host[u.op].aten_children == 0)}
