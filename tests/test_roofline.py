@@ -371,7 +371,7 @@ def test_two_processes_rank0_reports_with_a_straggler_line(tmp_path, one_thread)
 def test_sharded_flops_and_pipeline_waits_are_accounted(layout, tmp_path, one_thread):
     """Under TP a DTensor op sees global shapes and dispatches to a local op: the local one is counted (once counted
     at the global size, +88 %). gloo's waits are annotations, not ops: a pipeline's wait is communication, not host
-    overhead (once 75 % host overhead)."""
+    overhead (once 75 % host overhead; not compared by time here: timings on 2 shared cores vary)."""
     cache = write_roofs(tmp_path / "roofs.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
@@ -385,5 +385,6 @@ def test_sharded_flops_and_pipeline_waits_are_accounted(layout, tmp_path, one_th
         counted = analysis["flops_per_step"]["matmul_attention"]
         assert counted == pytest.approx(report["model_flops_per_step"], rel=0.03), (counted, report["model_flops_per_step"])
     else:
-        communication = analysis["classes"]["communication"]["time_ms"]
-        assert communication > analysis["idle"]["host_other"]["time_ms"], analysis
+        # gloo's waits (profiler annotations) are communication: among its heaviest entries, whatever their timing
+        names = [k["name"] for k in analysis["top_kernels"]["communication"]]
+        assert any(name.startswith("gloo:") for name in names), names
