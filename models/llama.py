@@ -90,6 +90,14 @@ def sinusoidal_table(max_seq_len: int, dim: int, device=None) -> torch.Tensor:
 # Layers
 
 
+class RMSNorm(nn.RMSNorm):
+    """Scales in the input's dtype: under autocast a bf16 input with the fp32 weight would miss the fused kernel
+    (FSDP's bf16 parameters match already)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -137,14 +145,23 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = Attention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, rope=None, attn_bias=None, kv_cache=None):
         x = x + self.attention(self.attention_norm(x), rope, attn_bias, kv_cache)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+def to_compute_dtype(h: torch.Tensor) -> torch.Tensor:
+    """The residual stream in autocast's dtype, as FSDP's bf16 parameters and Megatron-LM run it. The embedding's
+    fp32 output would otherwise keep every residual add and norm in fp32: twice the bytes of the elementwise work."""
+    device_type = h.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return h.to(torch.get_autocast_dtype(device_type))
+    return h
 
 
 class Transformer(nn.Module):
@@ -157,7 +174,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos_encoding == "learned" else None
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -195,6 +212,8 @@ class Transformer(nn.Module):
             h = h + self.pos_embeddings(torch.arange(start_pos, start_pos + seq, device=h.device))
         if self.sinusoidal is not None and self.tok_embeddings is not None:
             h = h + self.sinusoidal[positions].to(h.dtype)
+        if self.tok_embeddings is not None:
+            h = to_compute_dtype(h)
         rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.rope_cos is not None else None
         attn_bias = alibi_bias(self.alibi_slopes, seq, start_pos) if self.alibi_slopes is not None else None
         for name, layer in self.layers.items():

@@ -34,7 +34,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             grad_hidden = torch.empty_like(h)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_weight = None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             scale = 1.0 / h.shape[0]
             for start in range(0, h.shape[0], chunk_tokens):
@@ -42,7 +42,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 chunk_loss, grad_logits = logits_grad(h[rows] @ w.t(), targets[rows], scale)
                 loss += chunk_loss
                 grad_hidden[rows] = grad_logits @ w
-                grad_weight += grad_logits.t() @ h[rows]
+                chunk_grad_weight = grad_logits.t() @ h[rows]
+                # Chunks sum in fp32; a single chunk is cast once, by backward's scaling.
+                grad_weight = chunk_grad_weight if grad_weight is None else grad_weight.float().add_(chunk_grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss * scale
@@ -51,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        return (grad_hidden * grad_loss).to(hidden_dtype), (grad_weight * grad_loss).to(weight_dtype), None, None, None
+        return (grad_hidden * grad_loss).to(hidden_dtype), (grad_weight.float() * grad_loss).to(weight_dtype), None, None, None
 
 
 class LinearCrossEntropy(nn.Module):

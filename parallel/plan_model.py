@@ -178,12 +178,11 @@ def get_layer_activation_bytes(shape: ModelShape, layout: Layout, block: BlockSe
     attention = (2 * a * d + 2 * a * kv + 4 * shape.heads) / tp
     rstd = 2 * 4 / seq_split
     if eager:
-        # RMSNorm: its input (and, composite, the normalised input) per norm. The q/k/v and gate/up inputs in the
-        # compute dtype; autocast (and a float8 linear's own cast) makes one copy per linear over fp32.
-        norms = (2 if fused_norm else 4) * r * d / seq_split
-        copies = 5 if r != a else 2  # wq, wk, wv; w1, w3
+        # RMSNorm: its input per norm; composite, the input and the normalised input upcast to fp32 instead. The
+        # q/k/v and gate/up inputs: one each, already in the compute dtype (the residual stream is).
+        norms = (2 * r if fused_norm else 2 * 2 * 4) * d / seq_split
         ffn = 4 * a * f / tp  # gate, up, silu(gate), their product
-        return norms + copies * a * d + attention + ffn + rstd
+        return norms + 2 * a * d + attention + ffn + rstd
     residual = (r * d + a * d) / seq_split  # block input; wo's output rebuilds the mid-block residual
     qkv_input = (1 if {"wq", "wk", "wv"} <= block.fp8 else a) * d  # under TP the all-gathered input
     w13_input = (1 if {"w1", "w3"} <= block.fp8 else a) * d
@@ -236,13 +235,15 @@ def get_loss_bytes(shape: ModelShape, layout: Layout, *, tokens: int, residual_b
     d, v, a, r, tp = shape.dim, shape.vocab, shape.compute_bytes, residual_bytes, layout.tp
     norm = (1 if fused_norm else 2) * r * d * tokens  # the final norm runs eager in compiled models too
     if fused_loss:
-        # models/loss.py: grad_hidden and the fp32 output-weight gradient are made in forward and saved; the
-        # fp32 hidden, its compute-dtype copy and the weight's are held through the chunk loop. Per logits
-        # element of a chunk: the logits, the fp32 softmax buffer (compiled) or fp32 temporaries (eager), the
-        # gradient, and the previous chunk's gradient, still referenced while the next is made.
-        chunk = min(get_chunk_tokens(v), tokens) * v
+        # models/loss.py: grad_hidden and the output-weight gradient (fp32 when summed over chunks) are made in
+        # forward and saved; the hidden (and its compute-dtype copy) and the weight's are held through the chunk
+        # loop. Per logits element of a chunk: the logits, the fp32 softmax buffer (compiled) or fp32 temporaries
+        # (eager), the gradient, and the previous chunk's gradient, still referenced while the next is made.
+        chunk_tokens = min(get_chunk_tokens(v), tokens)
         per_element = 3 * a + (12 if eager else 4)
-        held = (a * d + (r * d + a * d if r != a else r * d)) * tokens + 4 * v * d + (a * v * d if autocast else 0)
+        weight_grad = (4 if chunk_tokens < tokens else a) * v * d
+        held = (a * d + (r * d + a * d if r != a else r * d)) * tokens + weight_grad + (a * v * d if autocast else 0)
+        chunk = chunk_tokens * v
         return norm + held + per_element * chunk
     head = norm + a * d * tokens + (a * v * d / tp if autocast else 0)  # output layer: input, weight copy
     if shape.compile and tp == 1 and layout.pp == 1:
@@ -305,7 +306,7 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
     dp, shard = L.dp, L.dp_shard
     mode = "none" if dp == 1 else ("ddp" if L.zero in (0, 1) else "fsdp")
     autocast = shape.precision != "fp32" and mode != "fsdp"
-    residual = 4 if shape.precision == "fp32" or autocast else 2
+    residual = 4 if shape.precision == "fp32" else 2  # autocast casts the embedding output (models/llama.py)
     block = get_block_setup(shape)
     eager = not shape.compile
     a, c = shape.compute_bytes, shape.compute_bytes  # activation bytes; FSDP's unsharded param bytes

@@ -80,6 +80,18 @@ def test_fused_loss_scales_with_upstream_gradient():
     torch.testing.assert_close(model.output.weight.grad, 3.0 * grads["output.weight"])
 
 
+def test_residual_stream_runs_in_the_autocast_dtype():
+    cfg = tiny()
+    model = build(cfg)
+    inputs, _ = batch(cfg)
+    seen = []
+    model.layers["0"].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(inputs)
+    model(inputs)
+    assert seen == [torch.bfloat16, torch.float32]
+
+
 # ---------------------------------------------------------------------------------------------
 # fp8: which modules torchao converts (on meta: no fp8 kernels needed to check the selection).
 
