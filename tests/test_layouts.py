@@ -78,10 +78,11 @@ BF16_LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "pp2_1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
 }
-# Measured worst: FSDP's bf16 parameter casts (vs autocast's per-op casts) move the loss by 1.1e-3, the
-# gradient norm by 4.7e-3 and, through AdamW's normalisation of tiny gradients, some weights by 7e-3 (two
-# lr-sized steps). A missing gradient reduction moves the loss by 2e-2 (asserted below).
-BF16_TOLERANCES = {"loss": 5e-3, "grad_norm": 2e-2, "param": 2.5e-2, "replica": PARAM_ATOL}
+# Measured worst, now that autocast runs the residual stream and norms in bf16 as FSDP's bf16 parameters do: TP2
+# moves the loss by 1.0e-4 and the gradient norm by 7.3e-4, and, through AdamW's normalisation of tiny gradients,
+# some weights by 4.4e-3; ZeRO-3 the loss by 6.8e-5 (1.1e-3 while autocast kept them fp32). A missing gradient
+# reduction moves the loss by 0.93 (asserted below).
+BF16_TOLERANCES = {"loss": 1e-3, "grad_norm": 5e-3, "param": 2.5e-2, "replica": PARAM_ATOL}
 # fp8 (torchao float8, tensorwise) runs on CPU too. The block linears convert only from 1024 wide, so these runs use
 # a wider model, at a lower lr to keep its first steps stable.
 FP8_SHAPE = ["model.dim=1024", "model.ffn_dim=1024", "model.num_heads=8", "model.num_kv_heads=8", "model.vocab_size=1024",
