@@ -427,7 +427,7 @@ H200_2026_11_29 = [
     (["train.compile=false"], 61.9, 0.2747),
     (["train.precision=fp8"], 36.4, 0.2034),
     (["train.precision=fp8", *B24], 77.2, 0.5490),
-    (["train.precision=fp8", "train.fp8_output=true", *B24], 77.1, None),  # step: +11.7 %
+    (["train.precision=fp8", "train.fp8_output=true", *B24], 77.1, 0.5162),
     (["train.activation_checkpointing=selective"], 29.5, 0.2578),
     (["train.activation_checkpointing=selective", "train.fused_loss=true"], 27.3, 0.2586),
     (["train.activation_checkpointing=full"], None, 0.2803),  # reserved -13 %; allocated 23.17 GiB, within 1 %
@@ -441,7 +441,7 @@ def test_predictions_within_ten_percent_of_the_h200_runs():
         predicted = predict_layout(cfg, {a: 1 for a in AXES}, gpu="h200")
         errors += [(overrides, what, predicted[key] / measured - 1)
                    for what, key, measured in (("memory", "pred_mem_gb", memory), ("step", "pred_step_s", step)) if measured]
-    assert len(errors) == 18 and all(abs(error) <= 0.10 for *_, error in errors), errors
+    assert len(errors) == 19 and all(abs(error) <= 0.10 for *_, error in errors), errors
 
 
 def test_trainer_hook_logs_prediction_then_measurement():
