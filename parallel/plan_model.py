@@ -238,13 +238,13 @@ def get_loss_bytes(shape: ModelShape, layout: Layout, *, tokens: int, residual_b
     norm = (1 if fused_norm else 2) * r * d * tokens  # the final norm runs eager in compiled models too
     if fused_loss:
         # models/loss.py: grad_hidden and the output-weight gradient (fp32 when summed over chunks) are made in
-        # forward and saved; the hidden (and its compute-dtype copy) and the weight's are held through the chunk
-        # loop. Per logits element of a chunk: the logits, the fp32 softmax buffer (compiled) or fp32 temporaries
+        # forward and saved; the hidden (already in the compute dtype: the residual stream is) and the weight's
+        # compute-dtype copy are held through the chunk loop. Per logits element of a chunk: the logits, the fp32 softmax buffer (compiled) or fp32 temporaries
         # (eager), the gradient, and the previous chunk's gradient, still referenced while the next is made.
         chunk_tokens = min(get_chunk_tokens(v), tokens)
         per_element = 3 * a + (12 if eager else 4)
         weight_grad = (4 if chunk_tokens < tokens else a) * v * d
-        held = (a * d + (r * d + a * d if r != a else r * d)) * tokens + weight_grad + (a * v * d if autocast else 0)
+        held = (a + r) * d * tokens + weight_grad + (a * v * d if autocast else 0)
         chunk = chunk_tokens * v
         return norm + held + per_element * chunk
     head = norm + a * d * tokens + (a * v * d / tp if autocast else 0)  # output layer: input, weight copy

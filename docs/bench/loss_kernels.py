@@ -9,22 +9,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, not this folder
 
 import torch  # noqa: E402
+from triton.testing import do_bench  # noqa: E402  (mean ms per call, as docs/bench/sdpa_gqa.py times)
 
 from models.loss import get_logits_grad  # noqa: E402
 from trainer.train import cross_entropy_loss  # noqa: E402
-
-
-def time_ms(fn, reps=10):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main():
@@ -41,7 +29,7 @@ def main():
     fused_kernel = torch.compile(get_logits_grad, dynamic=False)
     for name, fn in {"compiled cross entropy, fwd+bwd": logits_path,
                      "fused-loss kernel, loss+grad": lambda: fused_kernel(logits.detach(), targets, 1.0 / tokens)}.items():
-        ms = time_ms(fn)
+        ms = do_bench(fn)
         # The floor: read the logits once for the loss, once more for the gradient, write the gradient.
         print(f"{name:34s} {ms:7.2f} ms  ({3 * gbytes / ms:5.2f} TB/s if it moved 3x the {gbytes:.1f} GB of logits)")
 

@@ -6,6 +6,7 @@ import json
 import sys
 
 import torch
+from triton.testing import do_bench  # mean ms per call, as docs/bench/sdpa_gqa.py times
 
 DIM, FFN, KV, VOCAB, LAYERS, SEQ = 2048, 8192, 512, 100352, 16, 2048
 # name -> (in_features, out_features, count per step)
@@ -15,19 +16,6 @@ LINEARS = {
     # fused alternatives, for comparison only
     "wkv": (DIM, 2 * KV, LAYERS), "wqkv": (DIM, DIM + 2 * KV, LAYERS), "w13": (DIM, 2 * FFN, LAYERS),
 }
-
-
-def time_ms(fn, reps=20):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main():
@@ -48,7 +36,7 @@ def main():
         }
         for kind, fn in kinds.items():
             try:
-                ms = time_ms(fn)
+                ms = do_bench(fn)
             except Exception as error:  # out_dtype may be missing on this build
                 print(f"{name:7s} {kind:15s} failed: {type(error).__name__}: {error}"[:200])
                 continue
