@@ -20,13 +20,13 @@ from parallel.activation_checkpoint import apply_ac
 from parallel.compile import apply_compile
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.float8 import apply_float8, describe_converted
-from parallel.grad_norm import clip_grad_norm_
+from parallel.grad_norm import clip_grad_norm_, get_grad_norm
 from parallel.materialize import materialize
 from parallel.mesh import AXES, build_mesh, describe_layout, get_dp_rank_and_size
 from parallel.pipeline import build_schedule, get_bubble_fraction, get_stage_ids, split_stage
 from parallel.tensor_parallel import apply_tp
 
-__all__ = ["ParallelModel", "build_parallel_model", "build_mesh", "clip_grad_norm_", "get_dp_rank_and_size", "AXES"]
+__all__ = ["ParallelModel", "build_parallel_model", "build_mesh", "clip_grad_norm_", "get_dp_rank_and_size", "get_grad_norm", "AXES"]
 
 
 @dataclass

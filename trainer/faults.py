@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor
 from parallel.materialize import get_clean_name
 from trainer.config import ConfigError, FaultConfig
 from trainer.env import Env
+from trainer.optim import ClippedAdamW
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 WATCHDOG_EXIT_CODE = 1
@@ -199,8 +200,9 @@ class NonfiniteGuard:
         self.cfg, self.env, self.run_dir, self.model_cfg = cfg, env, Path(run_dir), model_cfg
         self.models, self.rerun, self.log = models, rerun, log
         self.optimizer = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
-        # Fused Adam/AdamW take `found_inf` and leave parameters, moments and step counts as they were.
-        self.on_device = all(group.get("fused") for group in self.optimizer.param_groups) and getattr(
+        # Fused Adam/AdamW and ClippedAdamW take `found_inf` and leave parameters, moments and step counts as they were.
+        self.on_device = isinstance(self.optimizer, ClippedAdamW) or all(
+            group.get("fused") for group in self.optimizer.param_groups) and getattr(
             self.optimizer, "_step_supports_amp_scaling", False)
         self.limit = cfg.max_skips if cfg.nonfinite == "skip" else 0  # non-finite steps in a row allowed
         self.pending: list[tuple[int, torch.Tensor, int]] = []  # (step, non-finite flag on device, sample position)

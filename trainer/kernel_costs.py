@@ -184,7 +184,7 @@ class OptimizerWork:
 
 def get_optimizer_work(optimizer: torch.optim.Optimizer, *, grad_clip: bool) -> OptimizerWork:
     """The work of one step of `optimizer` (this rank's shards) and of the gradient norm and clipping
-    before it (`grad_clip`: optim.grad_clip > 0, so the grads are scaled too)."""
+    before it (`grad_clip`: the grads are scaled in a pass of their own; ClippedAdamW scales them on the fly)."""
     def local(groups):
         return [p.to_local() if isinstance(p, DTensor) else p for group in groups for p in group["params"]]
 

@@ -1,6 +1,8 @@
-"""AdamW with decay/no-decay groups, and the learning-rate schedules (warmup + cosine, WSD, constant).
+"""AdamW with decay/no-decay groups, its compiled clipping variant, and the learning-rate schedules
+(warmup + cosine, WSD, constant).
 
-Must not hold optimizer-state sharding (ZeRO-1 lives in parallel/data_parallel.py).
+Must not hold optimizer-state sharding (ZeRO-1 lives in parallel/data_parallel.py) or the gradient norm
+(parallel/grad_norm.py).
 """
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from trainer.config import OptimConfig
 
@@ -24,13 +27,91 @@ def get_param_groups(model_parts: list[nn.Module], weight_decay: float) -> list[
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight_decays, *, beta1: float, beta2: float,
+                  eps: float, max_norm: float, grad_norm: torch.Tensor, found_inf: torch.Tensor) -> None:
+    """One AdamW step on the clipped gradients, left untouched where `found_inf` is set. Compiled, each
+    parameter's update is one kernel that reads p, g, m, v and writes p, m, v: the clipped gradient is never stored."""
+    coef = (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grads_with_norm_
+    update = found_inf == 0
+    for p, g, m, v, step, lr, weight_decay in zip(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight_decays):
+        g = g * coef
+        new_step = step + 1
+        new_m = m.lerp(g, 1 - beta1)
+        new_v = v * beta2 + (1 - beta2) * g * g
+        denom = new_v.sqrt() / (1 - beta2**new_step).sqrt() + eps
+        new_p = p * (1 - lr * weight_decay) - lr / (1 - beta1**new_step) * new_m / denom
+        p.copy_(torch.where(update, new_p, p))
+        m.copy_(torch.where(update, new_m, m))
+        v.copy_(torch.where(update, new_v, v))
+        step.copy_(torch.where(update, new_step, step))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t  # AdamW is elementwise: each shard steps alone
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW that clips the gradients inside its step (optim.compile=true): one torch.compile'd update per step
+    instead of a clipping pass that reads and writes every gradient, then the fused kernel. Set `grad_norm` (the
+    global norm, parallel.grad_norm.get_grad_norm) before each step; like the fused kernel it takes `found_inf`
+    (the non-finite guard's flag) and then leaves parameters, moments and step counts as they were. State and
+    state dicts are AdamW's (step counts on the device, as capturable keeps them)."""
+
+    def __init__(self, params, *, max_norm: float, **kwargs):
+        super().__init__(params, capturable=True, **kwargs)
+        self.max_norm = max_norm
+        self.grad_norm: torch.Tensor | None = None
+        self.found_inf: torch.Tensor | None = None
+        self._update = torch.compile(_adamw_update, dynamic=False)
+        self._lrs: list[torch.Tensor] = []  # one per group, on the device: refilled, never re-sent from the host
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "ClippedAdamW takes no closure"
+        params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight_decays = [], [], [], [], [], [], []
+        for index, group in enumerate(self.param_groups):
+            stepped = [p for p in group["params"] if p.grad is not None]
+            if not stepped:
+                continue
+            if len(self._lrs) <= index:
+                self._lrs.append(torch.zeros((), device=stepped[0].device))
+            # A tensor: a new learning rate each step is new data to the compiled update, not a recompile.
+            lr = self._lrs[index].fill_(group["lr"])
+            for p in stepped:
+                state = self.state[p]
+                if not state:  # the keys and dtypes torch.optim.AdamW gives its state
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(_local(p))
+                grads.append(_local(p.grad))
+                exp_avgs.append(_local(state["exp_avg"]))
+                exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+                steps.append(state["step"])
+                lrs.append(lr)
+                weight_decays.append(group["weight_decay"])
+        if not params:
+            return None
+        zero = torch.zeros((), device=params[0].device)
+        beta1, beta2 = self.defaults["betas"]
+        self._update(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight_decays, beta1=beta1, beta2=beta2,
+                     eps=self.defaults["eps"], max_norm=self.max_norm,
+                     grad_norm=zero if self.grad_norm is None else self.grad_norm,
+                     found_inf=zero if self.found_inf is None else self.found_inf)
+        return None
+
+
 def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, device: torch.device,
                     zero1_mesh=None) -> torch.optim.Optimizer:
-    """AdamW; with `zero1_mesh` its state is sharded over that mesh (ZeRO-1)."""
+    """AdamW; with `zero1_mesh` its state is sharded over that mesh (ZeRO-1); with optim.compile the
+    compiled variant that clips inside its step."""
+    groups = get_param_groups(model_parts, cfg.weight_decay)
+    if cfg.compile:
+        return ClippedAdamW(groups, max_norm=cfg.grad_clip or float("inf"), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            eps=cfg.eps)
     # fused is the fastest kernel on GPU; foreach is the portable choice elsewhere.
     fused = cfg.fused and device.type == "cuda"
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused, foreach=None if fused else True)
-    groups = get_param_groups(model_parts, cfg.weight_decay)
     if zero1_mesh is not None:
         from parallel.data_parallel import build_zero1_optimizer
 

@@ -162,7 +162,8 @@ class Profiler:
 
         cfg, env, roofs = self.cfg, self.env, self.roofs
         steps = self.last - self.first + 1
-        work = None if self.optimizer is None else get_optimizer_work(self.optimizer, grad_clip=cfg.optim.grad_clip > 0)
+        scales = cfg.optim.grad_clip > 0 and not cfg.optim.compile  # a scaling pass of its own
+        work = None if self.optimizer is None else get_optimizer_work(self.optimizer, grad_clip=scales)
         analysis = analyze_trace(load_trace(trace_path), roofs=roofs, optimizer_work=work)
         mine = {"rank": env.rank, "step_ms": seconds / steps * 1e3, "busy_ms": analysis["busy_ms"],
                 "idle_ms": analysis["idle_ms"], "exposed_comm_ms": analysis["communication"]["exposed_ms"]}

@@ -20,7 +20,8 @@ from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_con
 from torch.profiler import record_function
 
 from models import count_params, flops_per_token
-from parallel import ParallelModel, build_mesh, build_parallel_model, clip_grad_norm_, get_dp_rank_and_size
+from parallel import (ParallelModel, build_mesh, build_parallel_model, clip_grad_norm_, get_dp_rank_and_size,
+                      get_grad_norm)
 from parallel.plan import PlannerCheck
 from trainer.checkpoint import CHECKPOINTS, Checkpointer, LoadSource, find_load_source, get_checkpoint_dir
 from trainer.config import Config, ConfigError, check_writable, get_micro_batch_size, get_microbatches, to_yaml, validate
@@ -30,7 +31,7 @@ from trainer.env import (configure_cuda_allocator, destroy_process_group, get_en
 from trainer.faults import FaultHandlers, FaultInjector, NonfiniteGuard
 from trainer.layer_stats import build_layer_stats
 from trainer.metrics import MetricsLogger, format_duration
-from trainer.optim import build_lr_scheduler, build_optimizer
+from trainer.optim import ClippedAdamW, build_lr_scheduler, build_optimizer
 from trainer.profiling import Profiler
 
 
@@ -250,7 +251,11 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data, s
             loss = train_step(pm, batch, accumulation=accumulation, compute_context=compute_context, device=env.device,
                               model_loss=model_loss)
         layer_stats.after_backward()
-        grad_norm = clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"), mesh["pp"] if mesh is not None else None)
+        pp_mesh = mesh["pp"] if mesh is not None else None
+        if isinstance(optimizer, ClippedAdamW):  # it clips inside its step
+            grad_norm = optimizer.grad_norm = get_grad_norm(params, pp_mesh)
+        else:
+            grad_norm = clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"), pp_mesh)
         if guard.allows_update(step + 1, grad_norm, position):
             with record_function("optimizer.step"):
                 optimizer.step()
