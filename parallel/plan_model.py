@@ -65,11 +65,12 @@ EAGER_EFFICIENCY = 0.80  # eager over compiled blocks: 54,705 / 68,196 tokens/s,
 FP8_EFFICIENCY = 0.67
 LAUNCH_S = 5e-6  # per-kernel host overhead: the floor of a tiny layer's time
 KERNELS_PER_LAYER = {True: 30, False: 90}  # forward + backward kernels of one block, compiled / eager
-# Fused AdamW reads param, grad, m, v and writes param, m, v (fp32, 28 bytes); the clip reads the gradients for
-# their norm and scales them in place (12). At 0.7 of the HBM rate: the H200 trace's optimizer takes 16.2 ms
-# for the 1.38e9 parameters of bench_1b (3.4 of 4.8 TB/s).
-OPTIMIZER_BYTES = 40
-OPTIMIZER_BANDWIDTH_SHARE = 0.7
+# Keyed by optim.compile. AdamW reads param, grad, m, v and writes param, m, v (fp32, 28 bytes) after the norm has
+# read the gradients (4); fused AdamW's clip also scales them in place (8 more), ClippedAdamW scales on the fly.
+# Shares of the HBM rate from the H200 traces of bench_1b (1.38e9 parameters): 16.2 ms (3.4 of 4.8 TB/s) and
+# 11.2 ms (3.95).
+OPTIMIZER_BYTES = {False: 40, True: 32}
+OPTIMIZER_BANDWIDTH_SHARE = {False: 0.7, True: 0.82}
 
 
 def get_gpu_key(name: str) -> str:
@@ -118,6 +119,7 @@ class ModelShape:
         self.seq, self.batch = t.seq_len, t.global_batch_size
         self.precision, self.compile = t.precision, t.compile
         self.fused_loss = t.fused_loss
+        self.optim_compile = cfg.optim.compile
         self.fp8_output = t.precision == "fp8" and t.fp8_output and pays_off(m.dim, m.vocab_size)
         self.ac_every = t.ac_every
         d, kv, f = self.dim, self.kv_dim, self.ffn
@@ -434,7 +436,8 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
         # Collectives hide behind compute up to dp_overlap of it; one unit's worth (the last bucket) never does.
         t_dp_exposed = max(t_dp - knobs.dp_overlap * t_compute, t_dp / (layers + 1)) if t_dp else 0.0
         optim_params = params / shard if (mode == "fsdp" or L.zero == 1) and dp > 1 else params
-        t_optimizer = OPTIMIZER_BYTES * optim_params / (gpu.hbm_tbps * 1e12 * OPTIMIZER_BANDWIDTH_SHARE)
+        compiled = shape.optim_compile
+        t_optimizer = OPTIMIZER_BYTES[compiled] * optim_params / (gpu.hbm_tbps * 1e12 * OPTIMIZER_BANDWIDTH_SHARE[compiled])
         step = t_pipeline + t_dp_exposed + t_optimizer
         if worst_time is None or step > worst_time["step"]:
             worst_time = {"compute": t_compute, "tp_comm": t_tp, "pp_p2p": t_p2p,

@@ -212,7 +212,8 @@ def neutral_analysis() -> dict:
             "communication": {"exposed_ms": 0.0, "total_ms": 0.0}, "top_kernels": {}}
 
 
-GPU_SETTINGS = {"device": "cuda", "compile": False, "precision": "bf16", "fused_loss": False, "optim_fused": False}
+GPU_SETTINGS = {"device": "cuda", "compile": False, "precision": "bf16", "fused_loss": False, "optim_fused": False,
+                "optim_compile": False}
 
 
 @pytest.mark.parametrize("signature, key, inject", [
@@ -244,6 +245,14 @@ def test_compiled_elementwise_diagnosis_names_the_heaviest_kernel():
         {"name": "triton_red_fused_abs_amax_0", "time_ms": 12.5, "calls_per_step": 64, "class_share": 0.4}]}
     (line,) = diagnose(analysis, {**GPU_SETTINGS, "compile": True})
     assert "already compiled" in line and "triton_red_fused_abs_amax_0 at 12.5 ms/step" in line
+
+
+def test_optimizer_diagnosis_goes_fused_then_compiled_then_batch():
+    analysis = neutral_analysis()
+    analysis["classes"]["optimizer"].update(share=0.2)
+    steps = [{}, {"optim_fused": True}, {"optim_fused": True, "optim_compile": True}]
+    fixes = [diagnose(analysis, {**GPU_SETTINGS, **setting})[0] for setting in steps]
+    assert "optim.fused=true" in fixes[0] and "optim.compile=true" in fixes[1] and "global_batch_size" in fixes[2]
 
 
 def test_diagnosis_is_strongest_first():

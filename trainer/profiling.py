@@ -175,7 +175,8 @@ class Profiler:
             return
         settings = {"device": env.device.type, "recipe": cfg.recipe, "world_size": env.world_size,
                     "precision": cfg.train.precision, "compile": cfg.train.compile,
-                    "fused_loss": cfg.train.fused_loss, "optim_fused": cfg.optim.fused}
+                    "fused_loss": cfg.train.fused_loss, "optim_fused": cfg.optim.fused,
+                    "optim_compile": cfg.optim.compile}
         tokens = cfg.train.global_batch_size * cfg.train.seq_len
         # This rank's share of the model's FLOPs: the layouts split the work evenly (pipeline stages roughly).
         model_flops = flops_per_token(cfg.model, cfg.train.seq_len) * tokens / env.world_size

@@ -45,7 +45,7 @@ def _pct(x: float) -> str:
 
 def diagnose(analysis: dict, settings: dict) -> list[str]:
     """Classic profiler signatures, one line each, strongest first. `settings`: device ('cuda'|'cpu'),
-    compile, precision, fused_loss, optim_fused."""
+    compile, precision, fused_loss, optim_fused, optim_compile."""
     found: list[tuple[float, str]] = []
     classes, idle = analysis["classes"], analysis["idle"]
     gpu = settings["device"] == "cuda"
@@ -119,8 +119,12 @@ def diagnose(analysis: dict, settings: dict) -> list[str]:
         found.append((loss, f"loss is {_pct(loss)} of the step; {fix}"))
     optimizer = classes["optimizer"]["share"]
     if optimizer >= OPTIMIZER_SHARE:
-        fix = "optim.fused=true" if gpu and not settings["optim_fused"] else \
-            "more tokens per step (train.global_batch_size) amortise it"
+        if gpu and not settings["optim_fused"] and not settings["optim_compile"]:
+            fix = "optim.fused=true"
+        elif not settings["optim_compile"]:
+            fix = "optim.compile=true clips inside one compiled AdamW step (no pass of its own over the gradients)"
+        else:
+            fix = "more tokens per step (train.global_batch_size) amortise it"
         found.append((optimizer, f"optimizer is {_pct(optimizer)} of the step; {fix}"))
     found.sort(key=lambda item: -item[0])
     return [line for _, line in found] or ["no classic signature found: the step is dominated by work near its roofs"]
