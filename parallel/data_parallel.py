@@ -30,6 +30,7 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
     return DistributedDataParallel(model, device_mesh=dp_mesh)
 
 
-def build_zero1_optimizer(params, dp_mesh: DeviceMesh, **adamw_kwargs) -> ZeroRedundancyOptimizer:
-    return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
-                                   process_group=dp_mesh.get_group(), **adamw_kwargs)
+def build_zero1_optimizer(params, dp_mesh: DeviceMesh, optimizer_class: type[torch.optim.Optimizer],
+                          **optimizer_kwargs) -> ZeroRedundancyOptimizer:
+    return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, process_group=dp_mesh.get_group(),
+                                   **optimizer_kwargs)

@@ -117,7 +117,7 @@ class OptimConfig:
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying
     grad_clip: float = 1.0  # 0 disables clipping
     fused: bool = True
-    # Clipping and AdamW as one torch.compile'd step (trainer/optim.py:ClippedAdamW); not with parallel.zero=1.
+    # Clipping inside a torch.compile'd AdamW step (trainer/optim.py:ClippedAdamW): no pass of its own.
     compile: bool = False
 
 
@@ -528,8 +528,6 @@ def validate(cfg: Config, world_size: int | None = None) -> dict[str, int]:
         raise ConfigError(f"parallel.zero=1 shards optimizer state over parallel.dp_shard; got parallel.dp_replicate={degrees['dp_replicate']}: use dp_shard")
     if p.zero in (0, 1) and tp > 1 and dp > 1:
         raise ConfigError(f"parallel.zero={p.zero} with parallel.tp={tp}: DDP does not take tensor-parallel parameters; use parallel.zero=2 or 3 (FSDP/HSDP)")
-    if cfg.optim.compile and p.zero == 1 and degrees["dp_shard"] > 1:
-        raise ConfigError("optim.compile=true with parallel.zero=1: ZeroRedundancyOptimizer steps its own AdamW; use parallel.zero=2 or 3, or optim.compile=false")
     if tp > 1 and p.sequence_parallel and m.pos_encoding in ("learned", "sinusoidal"):
         raise ConfigError(f"model.pos_encoding={m.pos_encoding!r} with parallel.sequence_parallel=true: absolute positions are added to full sequences; use rope or alibi, or turn sequence_parallel off")
     if t.precision == "fp8" and tp > 1:

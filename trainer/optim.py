@@ -30,7 +30,8 @@ def get_param_groups(model_parts: list[nn.Module], weight_decay: float) -> list[
 def _adamw_update(p, g, m, v, step, lr, coef, update, *, weight_decay: float, beta1: float, beta2: float,
                   eps: float) -> None:
     """AdamW on one parameter with its clipped gradient `g * coef`, or nothing where `update` is false. Compiled,
-    it is one kernel that reads p, g, m, v and writes p, m, v: the clipped gradient is never stored."""
+    it is one kernel that reads p, g, m, v and writes p, m, v: the clipped gradient is never stored. The caller
+    counts `step` up afterwards: written here, the kernel's later elements could read the new count."""
     g = g * coef
     new_step = step + 1
     new_m = m.lerp(g, 1 - beta1)
@@ -40,7 +41,6 @@ def _adamw_update(p, g, m, v, step, lr, coef, update, *, weight_decay: float, be
     p.copy_(torch.where(update, new_p, p))
     m.copy_(torch.where(update, new_m, m))
     v.copy_(torch.where(update, new_v, v))
-    step.copy_(torch.where(update, new_step, step))
 
 
 # One graph per parameter, its sizes symbolic, serves every shape: compiling the whole parameter list as one graph
@@ -67,13 +67,14 @@ class ClippedAdamW(torch.optim.AdamW):
         self.max_norm = max_norm
         self.grad_norm: torch.Tensor | None = None
         self.found_inf: torch.Tensor | None = None
-        self._lrs: list[torch.Tensor] = []  # one per group, on the device: refilled, never re-sent from the host
+        self._lrs: dict[int, torch.Tensor] = {}  # per group, on the device: refilled, never re-sent from the host
 
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "ClippedAdamW takes no closure"
         coef = update = None
         beta1, beta2 = self.defaults["betas"]
+        steps = []
         for index, group in enumerate(self.param_groups):
             stepped = [p for p in group["params"] if p.grad is not None]
             if not stepped:
@@ -83,38 +84,43 @@ class ClippedAdamW(torch.optim.AdamW):
                 norm = torch.zeros((), device=device) if self.grad_norm is None else self.grad_norm
                 coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grads_with_norm_
                 update = torch.ones((), dtype=torch.bool, device=device) if self.found_inf is None else self.found_inf == 0
-            if len(self._lrs) <= index:
-                self._lrs.append(torch.zeros((), device=device))
             # A tensor: a new learning rate each step is new data to the compiled update, not a recompile.
-            lr = self._lrs[index].fill_(group["lr"])
+            lr = self._lrs.setdefault(index, torch.zeros((), device=device)).fill_(group["lr"])
             for p in stepped:
                 state = self.state[p]
                 if not state:  # the keys and dtypes torch.optim.AdamW gives its state
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                _compiled_adamw_update(_local(p), _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                grad = p.grad
+                if isinstance(p, DTensor) and grad.placements != p.placements:  # tensor parallel's embedding
+                    grad = grad.redistribute(p.device_mesh, p.placements)
+                _compiled_adamw_update(_local(p), _local(grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
                                        state["step"], lr, coef, update, weight_decay=group["weight_decay"],
                                        beta1=beta1, beta2=beta2, eps=self.defaults["eps"])
+                steps.append(state["step"])
+        if steps:
+            torch._foreach_add_(steps, update.float())
         return None
 
 
 def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, device: torch.device,
                     zero1_mesh=None) -> torch.optim.Optimizer:
-    """AdamW; with `zero1_mesh` its state is sharded over that mesh (ZeRO-1); with optim.compile the
-    compiled variant that clips inside its step."""
+    """AdamW, or with optim.compile the variant that clips inside its step; with `zero1_mesh` its state is
+    sharded over that mesh (ZeRO-1)."""
     groups = get_param_groups(model_parts, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.compile:
-        return ClippedAdamW(groups, max_norm=cfg.grad_clip or float("inf"), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            eps=cfg.eps)
-    # fused is the fastest kernel on GPU; foreach is the portable choice elsewhere.
-    fused = cfg.fused and device.type == "cuda"
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused, foreach=None if fused else True)
+        optimizer_class, kwargs = ClippedAdamW, dict(kwargs, max_norm=cfg.grad_clip or float("inf"))
+    else:
+        # fused is the fastest kernel on GPU; foreach is the portable choice elsewhere.
+        fused = cfg.fused and device.type == "cuda"
+        optimizer_class, kwargs = torch.optim.AdamW, dict(kwargs, fused=fused, foreach=None if fused else True)
     if zero1_mesh is not None:
         from parallel.data_parallel import build_zero1_optimizer
 
-        return build_zero1_optimizer(groups, zero1_mesh, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+        return build_zero1_optimizer(groups, zero1_mesh, optimizer_class, **kwargs)
+    return optimizer_class(groups, **kwargs)
 
 
 def get_lr_factor(step: int, *, total_steps: int, cfg: OptimConfig) -> float:

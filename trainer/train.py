@@ -252,8 +252,9 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data, s
                               model_loss=model_loss)
         layer_stats.after_backward()
         pp_mesh = mesh["pp"] if mesh is not None else None
-        if isinstance(optimizer, ClippedAdamW):  # it clips inside its step
-            grad_norm = optimizer.grad_norm = get_grad_norm(params, pp_mesh)
+        stepper = getattr(optimizer, "optim", optimizer)  # ZeRO-1 steps its partition with this optimizer
+        if isinstance(stepper, ClippedAdamW):  # it clips inside its step
+            grad_norm = stepper.grad_norm = get_grad_norm(params, pp_mesh)
         else:
             grad_norm = clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"), pp_mesh)
         if guard.allows_update(step + 1, grad_norm, position):
