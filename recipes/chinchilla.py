@@ -285,6 +285,7 @@ def render_recipe(plan: Plan) -> str:
         "  schedule: cosine",
         "  min_lr_ratio: 0.1",
         f"  warmup_steps: {plan.warmup_steps}",
+        "  compile: true",
         "log:",
         "  every: 10",
         "checkpoint:",
