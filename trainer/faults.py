@@ -8,8 +8,8 @@
 - `NonfiniteGuard`: a step whose global gradient norm is not finite is skipped (fault.nonfinite=skip, at most
   fault.max_skips in a row) or stops the run (stop). The norm is the one signal: it is the same on every rank, and
   a non-finite loss always reaches it (NaN/inf logits give NaN gradients through the softmax). Where the optimizer
-  is fused (the CUDA default), the skip happens on the device through the kernel's `found_inf` input, as under
-  AMP's GradScaler, and the flags are read only where the loop syncs already (log steps, and before a checkpoint
+  is fused (the CUDA default) or ClippedAdamW (optim.compile), the skip happens on the device through its
+  `found_inf` input, as under AMP's GradScaler, and the flags are read only where the loop syncs already (log steps, and before a checkpoint
   save): no sync per step. Other optimizers (foreach, the CPU default) read one scalar per step, which is free on
   CPU and one device sync per step on a GPU. On stop, the step is re-run once on the same batch and weights
   (updates stop at the first step the policy refuses) with forward hooks armed, and <run.dir>/nonfinite.json
