@@ -91,10 +91,13 @@ def read_params(path: Path) -> dict:
 # Non-finite steps.
 
 
-@pytest.fixture(params=["host", "device"])
+@pytest.fixture(params=["host", "device", "compiled"])
 def skip_mode(request, monkeypatch):
     """host: the CPU default (foreach AdamW, one scalar read per step); device: a fused AdamW on CPU, so the skip
-    goes through the kernel's found_inf and the flags are read at log and save steps only (the CUDA path)."""
+    goes through the kernel's found_inf and the flags are read at log and save steps only (the CUDA path);
+    compiled: optim.compile=true, the same on-device skip through ClippedAdamW's found_inf."""
+    if request.param == "compiled":
+        monkeypatch.setitem(globals(), "BASE", [*BASE, "optim.compile=true"])  # every run of the test, CLI ones too
     if request.param == "device":
         import trainer.train
 

@@ -62,11 +62,16 @@ LAYOUTS = {
 }
 SLOW = {"dp2_tp2_pp2"}
 # Activation checkpointing and the fused loss change what is stored and how it is computed, never
-# the result: same fp32 tolerances.
+# the result: same fp32 tolerances. So does the compiled optimizer (optim.compile=true, clipping inside the AdamW
+# step), here on FSDP's DTensor shards against the one-process foreach AdamW.
 FEATURE_LAYOUTS = {
     "zero3_dp2_fused_loss": (2, ["parallel.dp_shard=2", "parallel.zero=3", "train.fused_loss=true"]),
     "ddp2_fused_loss": (2, ["parallel.dp_replicate=2", "parallel.zero=0", "train.fused_loss=true"]),
     "zero3_dp2_selective_ac": (2, ["parallel.dp_shard=2", "parallel.zero=3", "train.activation_checkpointing=selective"]),
+    "zero3_dp2_optim_compile": (2, ["parallel.dp_shard=2", "parallel.zero=3", "optim.compile=true"]),
+    # Tensor parallel's embedding gradient is placed unlike its weight; ZeRO-1 steps a partition with it.
+    "tp2_optim_compile": (2, ["parallel.tp=2", "optim.compile=true"]),
+    "zero1_dp2_optim_compile": (2, ["parallel.dp_shard=2", "parallel.zero=1", "optim.compile=true"]),
     "tp2_pp2_full_ac_every2": (4, ["parallel.tp=2", "parallel.pp=2", "train.activation_checkpointing=full",
                                    "train.ac_every=2"]),
 }

@@ -27,11 +27,12 @@ def get_param_groups(model_parts: list[nn.Module], weight_decay: float) -> list[
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _adamw_update(p, g, m, v, step, lr, coef, update, *, weight_decay: float, beta1: float, beta2: float,
-                  eps: float) -> None:
-    """AdamW on one parameter with its clipped gradient `g * coef`, or nothing where `update` is false. Compiled,
-    it is one kernel that reads p, g, m, v and writes p, m, v: the clipped gradient is never stored. The caller
-    counts `step` up afterwards: written here, the kernel's later elements could read the new count."""
+def _adamw_update(p, g, m, v, step, hyper, coef, update) -> None:
+    """AdamW on one parameter with its clipped gradient `g * coef`, or nothing where `update` is false; `hyper`
+    holds lr, beta1, beta2, eps and weight decay. Compiled, it is one kernel that reads p, g, m, v and writes p, m, v:
+    the clipped gradient is never stored. The caller counts `step` up afterwards: written here, the kernel's later
+    elements could read the new count."""
+    lr, beta1, beta2, eps, weight_decay = hyper.unbind()
     g = g * coef
     new_step = step + 1
     new_m = m.lerp(g, 1 - beta1)
@@ -44,7 +45,8 @@ def _adamw_update(p, g, m, v, step, lr, coef, update, *, weight_decay: float, be
 
 
 # One graph per parameter, its sizes symbolic, serves every shape: compiling the whole parameter list as one graph
-# took 80 s for the 1B model on the H200.
+# took 80 s for the 1B model on the H200. The hyperparameters are data, not constants: Inductor's cache has reused
+# a kernel compiled for another beta2 (pytorch/pytorch#194976, #197889).
 _compiled_adamw_update = torch.compile(_adamw_update, dynamic=True)
 
 
@@ -58,22 +60,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class ClippedAdamW(torch.optim.AdamW):
     """AdamW that clips the gradients inside its step (optim.compile=true): a compiled update per parameter instead
     of a clipping pass that reads and writes every gradient, then the fused kernel. Set `grad_norm` (the global
-    norm, parallel.grad_norm.get_grad_norm) before each step; like the fused kernel it takes `found_inf` (the
-    non-finite guard's flag) and then leaves parameters, moments and step counts as they were. State and state
-    dicts are AdamW's (step counts on the device, as capturable keeps them)."""
+    norm, parallel.grad_norm.get_grad_norm) before each step; a step without one does not clip. Like the fused
+    kernel it takes `found_inf` (the non-finite guard's flag) and then leaves parameters, moments and step counts
+    as they were. State and state dicts are AdamW's, loadable both ways; step counts live on the device."""
 
     def __init__(self, params, *, max_norm: float, **kwargs):
-        super().__init__(params, capturable=True, **kwargs)
+        super().__init__(params, **kwargs)
         self.max_norm = max_norm
         self.grad_norm: torch.Tensor | None = None
         self.found_inf: torch.Tensor | None = None
-        self._lrs: dict[int, torch.Tensor] = {}  # per group, on the device: refilled, never re-sent from the host
+        self._hyper: dict[int, torch.Tensor] = {}  # per group, on the device: refilled, never re-sent from the host
 
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "ClippedAdamW takes no closure"
         coef = update = None
-        beta1, beta2 = self.defaults["betas"]
         steps = []
         for index, group in enumerate(self.param_groups):
             stepped = [p for p in group["params"] if p.grad is not None]
@@ -84,8 +85,9 @@ class ClippedAdamW(torch.optim.AdamW):
                 norm = torch.zeros((), device=device) if self.grad_norm is None else self.grad_norm
                 coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grads_with_norm_
                 update = torch.ones((), dtype=torch.bool, device=device) if self.found_inf is None else self.found_inf == 0
-            # A tensor: a new learning rate each step is new data to the compiled update, not a recompile.
-            lr = self._lrs.setdefault(index, torch.zeros((), device=device)).fill_(group["lr"])
+            hyper = self._hyper.setdefault(index, torch.zeros(5, device=device))
+            for i, value in enumerate((group["lr"], *group["betas"], group["eps"], group["weight_decay"])):
+                hyper[i].fill_(value)  # a new learning rate each step is new data, not a recompile
             for p in stepped:
                 state = self.state[p]
                 if not state:  # the keys and dtypes torch.optim.AdamW gives its state
@@ -96,12 +98,19 @@ class ClippedAdamW(torch.optim.AdamW):
                 if isinstance(p, DTensor) and grad.placements != p.placements:  # tensor parallel's embedding
                     grad = grad.redistribute(p.device_mesh, p.placements)
                 _compiled_adamw_update(_local(p), _local(grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                                       state["step"], lr, coef, update, weight_decay=group["weight_decay"],
-                                       beta1=beta1, beta2=beta2, eps=self.defaults["eps"])
+                                       state["step"], hyper, coef, update)
                 steps.append(state["step"])
         if steps:
             torch._foreach_add_(steps, update.float())
+        self.grad_norm = None  # never reused by a later step
         return None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # A plain AdamW's state keeps its step counts on the host; the compiled update reads them on the device.
+        for p, state in self.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
 def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, device: torch.device,
