@@ -241,8 +241,9 @@ def get_loss_bytes(shape: ModelShape, layout: Layout, *, tokens: int, residual_b
     if fused_loss:
         # models/loss.py: grad_hidden and the output-weight gradient (fp32 when summed over chunks) are made in
         # forward and saved; the hidden (already in the compute dtype: the residual stream is) and the weight's
-        # compute-dtype copy are held through the chunk loop. Per logits element of a chunk: the logits, the fp32 softmax buffer (compiled) or fp32 temporaries
-        # (eager), the gradient, and the previous chunk's gradient, still referenced while the next is made.
+        # compute-dtype copy are held through the chunk loop. Per logits element of a chunk: the logits, the fp32
+        # softmax buffer (compiled) or fp32 temporaries (eager), the gradient, and the previous chunk's gradient,
+        # still referenced while the next is made.
         chunk_tokens = min(get_chunk_tokens(v), tokens)
         per_element = 3 * a + (12 if eager else 4)
         weight_grad = (4 if chunk_tokens < tokens else a) * v * d
@@ -436,8 +437,8 @@ def predict(shape: ModelShape, layout: Layout, gpu: GPU, knobs: Knobs, *, gpus_p
         # Collectives hide behind compute up to dp_overlap of it; one unit's worth (the last bucket) never does.
         t_dp_exposed = max(t_dp - knobs.dp_overlap * t_compute, t_dp / (layers + 1)) if t_dp else 0.0
         optim_params = params / shard if (mode == "fsdp" or L.zero == 1) and dp > 1 else params
-        compiled = shape.optim_compile
-        t_optimizer = OPTIMIZER_BYTES[compiled] * optim_params / (gpu.hbm_tbps * 1e12 * OPTIMIZER_BANDWIDTH_SHARE[compiled])
+        bandwidth = gpu.hbm_tbps * 1e12 * OPTIMIZER_BANDWIDTH_SHARE[shape.optim_compile]
+        t_optimizer = OPTIMIZER_BYTES[shape.optim_compile] * optim_params / bandwidth
         step = t_pipeline + t_dp_exposed + t_optimizer
         if worst_time is None or step > worst_time["step"]:
             worst_time = {"compute": t_compute, "tp_comm": t_tp, "pp_p2p": t_p2p,

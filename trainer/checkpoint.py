@@ -37,13 +37,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
 from models import Transformer
 from parallel.mesh import describe_layout
 from trainer.config import CheckpointConfig, Config, ConfigError, describe_error, to_yaml
 from trainer.faults import NonFiniteError
+from trainer.optim import get_stepping_optimizer
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMMITTED"
@@ -309,7 +309,7 @@ class OptimizerState(Stateful):
 
     def __init__(self, parts: list[nn.Module], optimizer: torch.optim.Optimizer):
         self.container = nn.ModuleList(parts)
-        self.optimizer = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+        self.optimizer = get_stepping_optimizer(optimizer)
 
     def _live(self) -> dict:
         return get_optimizer_state_dict(self.container, self.optimizer, options=_OPTIM_OPTIONS)

@@ -9,8 +9,8 @@
   fault.max_skips in a row) or stops the run (stop). The norm is the one signal: it is the same on every rank, and
   a non-finite loss always reaches it (NaN/inf logits give NaN gradients through the softmax). Where the optimizer
   is fused (the CUDA default) or ClippedAdamW (optim.compile), the skip happens on the device through its
-  `found_inf` input, as under AMP's GradScaler, and the flags are read only where the loop syncs already (log steps, and before a checkpoint
-  save): no sync per step. Other optimizers (foreach, the CPU default) read one scalar per step, which is free on
+  `found_inf` input, as under AMP's GradScaler, and the flags are read only where the loop syncs already (log
+  steps, and before a checkpoint save): no sync per step. Other optimizers (foreach, the CPU default) read one scalar per step, which is free on
   CPU and one device sync per step on a GPU. On stop, the step is re-run once on the same batch and weights
   (updates stop at the first step the policy refuses) with forward hooks armed, and <run.dir>/nonfinite.json
   names the first module whose output went non-finite and the batch's sample indices.
@@ -33,13 +33,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
 from parallel.materialize import get_clean_name
 from trainer.config import ConfigError, FaultConfig
 from trainer.env import Env
-from trainer.optim import ClippedAdamW
+from trainer.optim import ClippedAdamW, get_stepping_optimizer
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 WATCHDOG_EXIT_CODE = 1
@@ -199,11 +198,11 @@ class NonfiniteGuard:
                  models: list[nn.Module], rerun: Callable[[int, int], list[int]], log: Callable[[str], None]):
         self.cfg, self.env, self.run_dir, self.model_cfg = cfg, env, Path(run_dir), model_cfg
         self.models, self.rerun, self.log = models, rerun, log
-        self.optimizer = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+        self.optimizer = get_stepping_optimizer(optimizer)
         # Fused Adam/AdamW and ClippedAdamW take `found_inf` and leave parameters, moments and step counts as they were.
-        self.on_device = isinstance(self.optimizer, ClippedAdamW) or all(
-            group.get("fused") for group in self.optimizer.param_groups) and getattr(
+        fused = all(group.get("fused") for group in self.optimizer.param_groups) and getattr(
             self.optimizer, "_step_supports_amp_scaling", False)
+        self.on_device = fused or isinstance(self.optimizer, ClippedAdamW)
         self.limit = cfg.max_skips if cfg.nonfinite == "skip" else 0  # non-finite steps in a row allowed
         self.pending: list[tuple[int, torch.Tensor, int]] = []  # (step, non-finite flag on device, sample position)
         self.in_a_row, self.skipped, self.skipped_steps = 0, 0, []

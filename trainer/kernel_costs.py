@@ -34,6 +34,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils.flop_counter import flop_registry
 
+from trainer.optim import get_stepping_optimizer
+
 # Copies and fills: bytes, no FLOPs (on CPU also their own class, trainer/trace_analysis.py).
 CPU_COPIES = {"aten::copy_", "aten::clone", "aten::fill_", "aten::zero_"}
 # Ops that move no data themselves: views, allocations, metadata, and composites whose copy is a child op.
@@ -188,8 +190,8 @@ def get_optimizer_work(optimizer: torch.optim.Optimizer, *, grad_clip: bool) -> 
     def local(groups):
         return [p.to_local() if isinstance(p, DTensor) else p for group in groups for p in group["params"]]
 
-    # Under ZeRO-1 every gradient is clipped, but a ZeroRedundancyOptimizer steps only its partition (`optim`).
-    stepped = local(getattr(optimizer, "optim", optimizer).param_groups)
+    # Under ZeRO-1 every gradient is clipped, but a ZeroRedundancyOptimizer steps only its partition.
+    stepped = local(get_stepping_optimizer(optimizer).param_groups)
     clipped = local(optimizer.param_groups)
     parts = {"adamw": stepped, "grad_norm": clipped, "grad_scale": clipped if grad_clip else []}
     work = OptimizerWork({}, {}, defaultdict(float))

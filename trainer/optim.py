@@ -113,6 +113,11 @@ class ClippedAdamW(torch.optim.AdamW):
                 state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
+def get_stepping_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that steps this rank's parameters: ZeRO-1's per-partition one, or `optimizer` itself."""
+    return getattr(optimizer, "optim", optimizer)  # torch's ZeroRedundancyOptimizer keeps it as `.optim`
+
+
 def build_optimizer(model_parts: list[nn.Module], cfg: OptimConfig, device: torch.device,
                     zero1_mesh=None) -> torch.optim.Optimizer:
     """AdamW, or with optim.compile the variant that clips inside its step; with `zero1_mesh` its state is

@@ -31,7 +31,7 @@ from trainer.env import (configure_cuda_allocator, destroy_process_group, get_en
 from trainer.faults import FaultHandlers, FaultInjector, NonfiniteGuard
 from trainer.layer_stats import build_layer_stats
 from trainer.metrics import MetricsLogger, format_duration
-from trainer.optim import ClippedAdamW, build_lr_scheduler, build_optimizer
+from trainer.optim import ClippedAdamW, build_lr_scheduler, build_optimizer, get_stepping_optimizer
 from trainer.profiling import Profiler
 
 
@@ -252,7 +252,7 @@ def train_loop(cfg: Config, env, degrees: dict[str, int], run_dir: Path, data, s
                               model_loss=model_loss)
         layer_stats.after_backward()
         pp_mesh = mesh["pp"] if mesh is not None else None
-        stepper = getattr(optimizer, "optim", optimizer)  # ZeRO-1 steps its partition with this optimizer
+        stepper = get_stepping_optimizer(optimizer)
         if isinstance(stepper, ClippedAdamW):  # it clips inside its step
             grad_norm = stepper.grad_norm = get_grad_norm(params, pp_mesh)
         else:
